@@ -1,0 +1,99 @@
+from secureinfer.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterModelRequest(_message.Message):
+    __slots__ = ("deployment_id", "graph", "party_id", "n_parties")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    N_PARTIES_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    graph: bytes
+    party_id: int
+    n_parties: int
+    def __init__(self, deployment_id: _Optional[str] = ..., graph: _Optional[bytes] = ..., party_id: _Optional[int] = ..., n_parties: _Optional[int] = ...) -> None: ...
+
+class RegisterModelResponse(_message.Message):
+    __slots__ = ("graph_sha256",)
+    GRAPH_SHA256_FIELD_NUMBER: _ClassVar[int]
+    graph_sha256: bytes
+    def __init__(self, graph_sha256: _Optional[bytes] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("deployment_id", "session_id", "party_id", "batch", "purpose")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    session_id: str
+    party_id: int
+    batch: int
+    purpose: str
+    def __init__(self, deployment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class MaterialChunk(_message.Message):
+    __slots__ = ("chunk_index", "chunk_count", "data")
+    CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    chunk_index: int
+    chunk_count: int
+    data: bytes
+    def __init__(self, chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Bundle(_message.Message):
+    __slots__ = ("tensors", "blobs")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: _common_pb2.Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ...) -> None: ...
+    class BlobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_FIELD_NUMBER: _ClassVar[int]
+    tensors: _containers.MessageMap[str, _common_pb2.Tensor]
+    blobs: _containers.ScalarMap[str, bytes]
+    def __init__(self, tensors: _Optional[_Mapping[str, _common_pb2.Tensor]] = ..., blobs: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("deployment_id",)
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    def __init__(self, deployment_id: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("counters",)
+    class CountersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    COUNTERS_FIELD_NUMBER: _ClassVar[int]
+    counters: _containers.ScalarMap[str, int]
+    def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
