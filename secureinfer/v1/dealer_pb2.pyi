@@ -20,10 +20,12 @@ class RegisterModelRequest(_message.Message):
     def __init__(self, deployment_id: _Optional[str] = ..., graph: _Optional[bytes] = ..., party_id: _Optional[int] = ..., n_parties: _Optional[int] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
-    __slots__ = ("graph_sha256",)
+    __slots__ = ("graph_sha256", "model_seed")
     GRAPH_SHA256_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SEED_FIELD_NUMBER: _ClassVar[int]
     graph_sha256: bytes
-    def __init__(self, graph_sha256: _Optional[bytes] = ...) -> None: ...
+    model_seed: bytes
+    def __init__(self, graph_sha256: _Optional[bytes] = ..., model_seed: _Optional[bytes] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("deployment_id", "session_id", "party_id", "batch", "purpose")
