@@ -66,8 +66,9 @@ _AES_KEY = bytes.fromhex("2f5c646c9852ec80d9c4c1c7a7424adc")
 _U64 = np.uint64
 _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _NOT_LSB = np.uint64(0xFFFFFFFFFFFFFFFE)
-_DOMAIN_SHIFT = 32
-_CONVERT_DOMAIN = 2
+_DOMAIN_SHIFT = np.uint64(32)
+_RIGHT_TWEAK = np.uint64(1 << 32)
+_CONVERT_TWEAK = np.uint64(2 << 32)
 
 _MAGIC = b"SIDC"
 _VERSION = 1
@@ -79,16 +80,12 @@ def _side_blocks(k: int) -> int:
     return 1 + (k + 1) // 2
 
 
-def _tweaks(domains: list[int], blocks: int) -> np.ndarray:
-    """Tweak blocks ``(0, (d << 32) | j)`` of shape (len(domains), blocks, 2)."""
-    tw = np.zeros((len(domains), blocks, 2), dtype=_U64)
-    for a, d in enumerate(domains):
-        tw[a, :, 1] = (np.uint64(d) << np.uint64(_DOMAIN_SHIFT)) | np.arange(blocks, dtype=_U64)
-    return tw
-
-
 class _Mmo:
-    """``out = AES_K(inp) ^ inp`` over a fixed number of blocks with reused buffers."""
+    """``out = AES_K(inp) ^ inp`` over blocks laid out as (..., blocks, N, 2) words.
+
+    Buffers are allocated once and reused level after level; the block order in memory
+    is free (ECB), so instances are the inner axis and every numpy op streams.
+    """
 
     __slots__ = ("_enc", "_inp8", "_raw", "inp", "out")
 
@@ -97,8 +94,20 @@ class _Mmo:
         self._enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
         self.inp = np.empty((*shape, 2), dtype=_U64)
         self._inp8 = self.inp.reshape(-1).view(np.uint8)
-        self._raw = np.empty(16 * blocks + 16, dtype=np.uint8)  # update_into needs +15
+        self._raw = np.empty(16 * blocks + 16, dtype=np.uint8)  # update_into wants +15
         self.out = self._raw[: 16 * blocks].view(_U64).reshape(*shape, 2)
+
+    def load(self, seeds: np.ndarray, domain: np.ndarray | np.uint64) -> None:
+        """inp[..., j, :, :] = seeds ^ tweak(domain, j), tweak(d, j) = (j, j | d << 32).
+
+        ``seeds`` (..., N, 2); ``domain`` is (already shifted) ``d << 32``, a scalar or a
+        per-instance (..., N) array.
+        """
+        first = self.inp[..., 0, :, :]
+        np.copyto(first, seeds)
+        first[..., 1] ^= domain
+        for j in range(1, self.inp.shape[-3]):
+            np.bitwise_xor(first, _U64(j), out=self.inp[..., j, :, :])
 
     def run(self) -> np.ndarray:
         if self.inp.size:
@@ -107,12 +116,17 @@ class _Mmo:
         return self.out
 
 
+def _words(blocks: np.ndarray, k: int) -> np.ndarray:
+    """The first k little-endian words of (..., c, N, 2) blocks, as (..., k, N)."""
+    *lead, c, N, _ = blocks.shape
+    return np.swapaxes(blocks, -1, -2).reshape(*lead, 2 * c, N)[..., :k, :]
+
+
 def _convert(seeds: np.ndarray, k: int) -> np.ndarray:
-    """Convert_G(s): the first k little-endian words of the domain-2 PRG output, (..., k)."""
-    c = (k + 1) // 2
-    mmo = _Mmo((*seeds.shape[:-1], c))
-    np.bitwise_xor(seeds[..., None, :], _tweaks([_CONVERT_DOMAIN], c)[0], out=mmo.inp)
-    return mmo.run().reshape(*seeds.shape[:-1], 2 * c)[..., :k].copy()
+    """Convert_G(s) for seeds (..., N, 2): k words of the domain-2 PRG output, (..., k, N)."""
+    mmo = _Mmo((*seeds.shape[:-2], (k + 1) // 2, seeds.shape[-2]))
+    mmo.load(seeds, _CONVERT_TWEAK)
+    return _words(mmo.run(), k).copy()
 
 
 def _signed(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -148,7 +162,12 @@ class DcfKey:
 
     ``seed`` (N, 2) uint64: s_b^(0). ``cw_seed`` (n, N, 2) uint64, ``cw_v`` (n, N, k)
     uint64, ``cw_t`` (n, N, 2) uint8 0/1 (t_CW^L, t_CW^R): the correction words CW_1..CW_n.
-    ``cw_last`` (N, k) uint64: CW_{n+1}. Key material is never shown by ``repr``.
+    ``cw_last`` (N, k) uint64: CW_{n+1}. Seeds are 128-bit blocks as two little-endian
+    words. Key material is never shown by ``repr``.
+
+    Memory layout: keys from :func:`dcf_gen` and :meth:`from_bytes` hold ``cw_*`` as
+    transposed views of instance-minor buffers (``(n, 2, N)``, ``(n, k, N)``, ``(k, N)``)
+    because that is what :func:`dcf_eval` streams through; any layout is accepted.
     """
 
     party: int
@@ -161,10 +180,10 @@ class DcfKey:
     cw_last: np.ndarray = field(repr=False)
 
     def __post_init__(self) -> None:
-        if self.party not in (0, 1):
+        if isinstance(self.party, bool) or self.party not in (0, 1):
             raise InvalidArgumentError(f"party must be 0 or 1, got {self.party!r}")
         n = _check_n_bits(self.n_bits)
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
             raise InvalidArgumentError(f"k must be a positive integer, got {self.k!r}")
         N = self.seed.shape[0] if isinstance(self.seed, np.ndarray) and self.seed.ndim == 2 else -1
         expect = {
@@ -186,22 +205,28 @@ class DcfKey:
 
     @property
     def nbytes(self) -> int:
-        """Serialized size in bytes: ``len(self.to_bytes())``."""
+        """Serialized size in bytes, ``len(self.to_bytes())``: a 24-byte header plus
+        ``16 + n*(16 + 8k) + 8k`` bytes and ``2n`` bits per instance."""
         n, N, k = self.n_bits, self.num, self.k
         return _HEADER.size + 8 * N * (2 + n * (2 + k) + k) + (2 * n * N + 7) // 8
 
     def to_bytes(self) -> bytes:
-        """Header, then seed, cw_seed, cw_v, cw_last as raw little-endian uint64, then
-        the t_CW bits packed (little bit order, zero padding)."""
+        """Serialize: header, then raw little-endian uint64 arrays in the order ``seed``
+        as (N, 2), ``cw_seed`` as (n, 2, N), ``cw_v`` as (n, k, N), ``cw_last`` as
+        (k, N), then the t_CW bits as (n, 2, N) packed little-bit-first, zero padded."""
         header = _HEADER.pack(_MAGIC, _VERSION, self.party, self.n_bits, self.k, self.num)
-        parts = [np.ascontiguousarray(a, dtype="<u8").tobytes() for a in (self.seed, self.cw_seed, self.cw_v, self.cw_last)]
-        tbits = np.packbits(self.cw_t.reshape(-1) & 1, bitorder="little").tobytes()
+        arrays = (self.seed, self.cw_seed.transpose(0, 2, 1), self.cw_v.transpose(0, 2, 1), self.cw_last.T)
+        parts = [np.ascontiguousarray(a, dtype="<u8").tobytes() for a in arrays]
+        tbits = np.packbits(self.cw_t.transpose(0, 2, 1) & 1, axis=None, bitorder="little").tobytes()
         return b"".join([header, *parts, tbits])
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "DcfKey":
         """Parse :meth:`to_bytes` output; raises ProtocolError on anything malformed."""
-        buf = memoryview(data).cast("B")
+        try:
+            buf = memoryview(data).cast("B")
+        except TypeError as e:
+            raise ProtocolError(f"DCF key must be bytes, got {type(data).__name__}") from e
         if len(buf) < _HEADER.size:
             raise ProtocolError(f"DCF key too short: {len(buf)} bytes < {_HEADER.size}-byte header")
         magic, version, party, n, k, N = _HEADER.unpack_from(buf, 0)
@@ -211,30 +236,32 @@ class DcfKey:
             raise ProtocolError(f"unsupported DCF key version {version}")
         if party not in (0, 1) or not 1 <= n <= 64 or k < 1:
             raise ProtocolError(f"bad DCF key header: party={party} n_bits={n} k={k}")
-        sizes = [8 * N * 2, 8 * n * N * 2, 8 * n * N * k, 8 * N * k]
-        tbytes = (2 * n * N + 7) // 8
-        if len(buf) != _HEADER.size + sum(sizes) + tbytes:
-            raise ProtocolError(f"DCF key length {len(buf)} does not match its header "
-                                f"(expected {_HEADER.size + sum(sizes) + tbytes})")
+        shapes = [(N, 2), (n, 2, N), (n, k, N), (k, N)]
+        sizes = [8 * int(np.prod(s, dtype=object)) for s in shapes]
+        nt = 2 * n * N
+        expected = _HEADER.size + sum(sizes) + (nt + 7) // 8
+        if len(buf) != expected:
+            raise ProtocolError(f"DCF key length {len(buf)} does not match its header (expected {expected})")
         arrays, off = [], _HEADER.size
-        for size, shape in zip(sizes, [(N, 2), (n, N, 2), (n, N, k), (N, k)]):
-            arrays.append(np.frombuffer(buf[off : off + size], dtype="<u8").astype(_U64).reshape(shape))
+        for size, shape in zip(sizes, shapes):
+            arrays.append(np.frombuffer(buf, dtype="<u8", count=size // 8, offset=off).astype(_U64).reshape(shape))
             off += size
-        packed = np.frombuffer(buf[off:], dtype=np.uint8)
-        cw_t = np.unpackbits(packed, count=2 * n * N, bitorder="little")
-        if tbytes and np.unpackbits(packed[-1:], bitorder="little")[(2 * n * N - 1) % 8 + 1 :].any():
+        packed = np.frombuffer(buf, dtype=np.uint8, offset=off)
+        if nt % 8 and packed[-1] >> (nt % 8):
             raise ProtocolError("DCF key has nonzero padding bits")
+        cw_t = np.unpackbits(packed, count=nt, bitorder="little").reshape(n, 2, N)
         seed, cw_seed, cw_v, cw_last = arrays
-        return cls(party=party, n_bits=n, k=k, seed=seed, cw_seed=cw_seed, cw_v=cw_v,
-                   cw_t=cw_t.reshape(n, N, 2), cw_last=cw_last)
+        return cls(party=party, n_bits=n, k=k, seed=seed, cw_seed=cw_seed.transpose(0, 2, 1),
+                   cw_v=cw_v.transpose(0, 2, 1), cw_t=cw_t.transpose(0, 2, 1), cw_last=cw_last.T)
 
 
 def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tuple[DcfKey, DcfKey]:
     """Gen^<_n of Boyle et al. (EUROCRYPT 2021, Fig. 3), vectorized over N instances.
 
-    ``alpha`` (N,) uint64 (only the low ``n_bits`` bits are used), ``beta`` (N, k) uint64.
-    Returns the keys of party 0 and party 1. The two root seeds per instance are drawn
-    from ``prg``. Cost: 2n two-sided PRG expansions per instance (see the module docstring).
+    ``alpha`` (N,) uint64 (only the low ``n_bits`` bits are used), ``beta`` (N, k) uint64
+    (int64 is accepted as the same bits). Returns the keys of party 0 and party 1; the
+    two root seeds per instance are drawn from ``prg``. Line numbers below are Fig. 3's.
+    Cost: n two-sided PRG expansions per party and instance (module docstring).
     """
     n = _check_n_bits(n_bits)
     alpha = _as_u64(alpha, "alpha")
@@ -244,67 +271,65 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tu
     N = alpha.shape[0]
     if beta.ndim != 2 or beta.shape[0] != N or beta.shape[1] < 1:
         raise ShapeError(f"beta must have shape (N, k) = ({N}, k>=1), got {beta.shape}")
+    if not isinstance(prg, Prg):
+        raise InvalidArgumentError(f"prg must be a secureinfer.prg.Prg, got {type(prg).__name__}")
     k = beta.shape[1]
-    B = _side_blocks(k)
+    beta_t = np.ascontiguousarray(beta.T)  # (k, N)
 
-    root = prg.uint64((2, N, 2))
+    root = prg.uint64((2, N, 2))  # line 2: s_0^(0), s_1^(0); the LSB is the t slot, kept 0
     root[..., 0] &= _NOT_LSB
-    s = root.copy()  # s_b^(i-1), (party, N, word)
-    t = np.zeros((2, N), dtype=_U64)  # t_b^(i-1) as 0/1
+    s = root.copy()  # s_b^(i-1): (party, N, word)
+    t = np.zeros((2, N), dtype=_U64)  # line 4: t_b^(i-1) as 0/1
     t[1] = 1
-    v_alpha = np.zeros((N, k), dtype=_U64)
-    cw_seed = np.empty((n, N, 2), dtype=_U64)
-    cw_v = np.empty((n, N, k), dtype=_U64)
-    cw_t = np.empty((n, N, 2), dtype=np.uint8)
+    v_alpha = np.zeros((k, N), dtype=_U64)  # line 3
+    cw_seed = np.empty((n, 2, N), dtype=_U64)
+    cw_v = np.empty((n, k, N), dtype=_U64)
+    cw_t = np.empty((n, 2, N), dtype=np.uint8)
     abits = _bits_msb_first(alpha, n)
-    tw = _tweaks([0, 1], B)
-    mmo = _Mmo((2, N, 2, B))  # (party, N, side, block)
+    mmo = _Mmo((2, 2, _side_blocks(k), N))  # (party, side, block, N) blocks
 
     for i in range(n):
-        np.bitwise_xor(s[:, :, None, None, :], tw, out=mmo.inp)
-        out = mmo.run()
-        tb = out[:, :, :, 0, 0] & _U64(1)  # (party, N, side): t_b^L, t_b^R
-        out[:, :, :, 0, 0] &= _NOT_LSB
-        sd = out[:, :, :, 0, :]  # (party, N, side, word)
-        v = out.reshape(2, N, 2, 2 * B)[..., 2 : 2 + k]  # (party, N, side, k)
+        mmo.load(s[:, None], np.array([0, _RIGHT_TWEAK], dtype=_U64)[None, :, None])
+        out = mmo.run()  # lines 6-7: G(s_b^(i-1)) for both sides
+        tb = out[:, :, 0, :, 0] & _U64(1)  # (party, side, N): t_b^L, t_b^R
+        out[:, :, 0, :, 0] ^= tb
+        sd = out[:, :, 0]  # (party, side, N, word): s_b^L, s_b^R
+        v = _words(out[:, :, 1:], k)  # (party, side, k, N): v_b^L, v_b^R
         a = abits[i]
-        am = -a  # all-ones where alpha_i = 1, i.e. Keep = R, Lose = L
-        # Keep = side alpha_i, Lose = the other one (lines 8-9).
-        s_diff = sd[:, :, 0] ^ sd[:, :, 1]
-        s_keep = sd[:, :, 0] ^ (s_diff & am[None, :, None])
+        am = -a  # all-ones where alpha_i = 1: Keep = R, Lose = L (lines 8-9)
+        s_diff = sd[:, 0] ^ sd[:, 1]
+        s_keep = sd[:, 0] ^ (s_diff & am[:, None])
         s_lose = s_keep ^ s_diff
-        v_keep = v[:, :, 0] + ((v[:, :, 1] - v[:, :, 0]) & am[None, :, None])
-        v_lose = v[:, :, 0] + v[:, :, 1] - v_keep
-        t_keep = tb[:, :, 0] ^ ((tb[:, :, 0] ^ tb[:, :, 1]) & a)
-        sign1 = -t[1][:, None]  # mask of t_1^(i-1)
+        v_keep = v[:, 0] + ((v[:, 1] - v[:, 0]) & am)
+        v_lose = v[:, 0] + v[:, 1] - v_keep
+        t_keep = tb[:, 0] ^ ((tb[:, 0] ^ tb[:, 1]) & a)
+        sign1 = -t[1]  # (-1)^{t_1^(i-1)} as a negation mask
         s_cw = s_lose[0] ^ s_lose[1]  # line 10
-        v_cw = _signed(v_lose[1] - v_lose[0] - v_alpha + (beta & am[:, None]), sign1)  # lines 11-12
+        v_cw = _signed(v_lose[1] - v_lose[0] - v_alpha + (beta_t & am), sign1)  # lines 11-12
         v_alpha = v_alpha - v_keep[1] + v_keep[0] + _signed(v_cw, sign1)  # line 13
-        t_cw_l = tb[0, :, 0] ^ tb[1, :, 0] ^ a ^ _U64(1)  # line 14
-        t_cw_r = tb[0, :, 1] ^ tb[1, :, 1] ^ a
-        t_cw_keep = t_cw_l ^ ((t_cw_l ^ t_cw_r) & a)
-        cw_seed[i], cw_v[i] = s_cw, v_cw
-        cw_t[i, :, 0], cw_t[i, :, 1] = t_cw_l, t_cw_r
-        s = s_keep ^ (s_cw[None] & -t[:, :, None])  # line 16
-        t = t_keep ^ (t & t_cw_keep[None])  # line 17
+        t_cw_l = tb[0, 0] ^ tb[1, 0] ^ a ^ _U64(1)  # line 14
+        t_cw_r = tb[0, 1] ^ tb[1, 1] ^ a
+        cw_seed[i], cw_v[i], cw_t[i, 0], cw_t[i, 1] = s_cw.T, v_cw, t_cw_l, t_cw_r  # line 15
+        s = s_keep ^ (s_cw & -t[:, :, None])  # line 16
+        t = t_keep ^ (t & (t_cw_l ^ ((t_cw_l ^ t_cw_r) & a)))  # line 17
 
-    conv = _convert(s, k)  # (party, N, k)
-    cw_last = _signed(conv[1] - conv[0] - v_alpha, -t[1][:, None])  # line 19
+    conv = _convert(s, k)  # (party, k, N)
+    cw_last = _signed(conv[1] - conv[0] - v_alpha, -t[1])  # line 19
     for arr in (root, cw_seed, cw_v, cw_t, cw_last):
         arr.setflags(write=False)
-    keys = tuple(
-        DcfKey(party=b, n_bits=n, k=k, seed=root[b], cw_seed=cw_seed, cw_v=cw_v, cw_t=cw_t, cw_last=cw_last)
-        for b in (0, 1)
-    )
-    return keys[0], keys[1]
+    views = dict(cw_seed=cw_seed.transpose(0, 2, 1), cw_v=cw_v.transpose(0, 2, 1),
+                 cw_t=cw_t.transpose(0, 2, 1), cw_last=cw_last.T)
+    return (DcfKey(party=0, n_bits=n, k=k, seed=root[0], **views),
+            DcfKey(party=1, n_bits=n, k=k, seed=root[1], **views))
 
 
 def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     """Eval^<_n of Boyle et al. (EUROCRYPT 2021, Fig. 3): party b's share of beta*1{x<alpha}.
 
-    ``x`` (N,) uint64, public (only the low ``n_bits`` bits are used). Returns (N, k)
-    uint64; the two parties' outputs sum to ``beta * 1{x < alpha}`` mod 2^64. Cost: n
-    one-sided PRG expansions (``1 + ceil(k/2)`` AES blocks each) per instance, no rounds.
+    ``x`` (N,) uint64 (int64 accepted), public; only the low ``n_bits`` bits are used.
+    Returns (N, k) uint64; the two parties' outputs sum to ``beta * 1{x < alpha}``
+    mod 2^64. Cost: n one-sided PRG expansions of ``1 + ceil(k/2)`` AES blocks per
+    instance plus one Convert, O(n*k) ring ops, no communication.
     """
     if not isinstance(key, DcfKey):
         raise InvalidArgumentError(f"key must be a DcfKey, got {type(key).__name__}")
@@ -312,44 +337,46 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     n, N, k = key.n_bits, key.num, key.k
     if x.shape != (N,):
         raise ShapeError(f"x must have shape ({N},) to match the key, got {x.shape}")
-    B = _side_blocks(k)
 
-    xbits = _bits_msb_first(x, n)  # (n, N) 0/1
-    side_tw = xbits << _U64(_DOMAIN_SHIFT)  # tweak of the side x_i, xored into word 1
-    # t_CW of the side x_i, as all-ones / zero masks
-    t_cw = -np.where(xbits.astype(bool), key.cw_t[:, :, 1], key.cw_t[:, :, 0]).astype(_U64)
-    cw_seed, cw_v = key.cw_seed, key.cw_v
+    xbits = _bits_msb_first(x, n)  # (n, N) 0/1, public
+    side_tw = xbits << _DOMAIN_SHIFT  # tweak of side x_i, xored into word 1
+    cw_t = key.cw_t.transpose(0, 2, 1)  # (n, 2, N)
+    t_cw = cw_t[:, 0] ^ ((cw_t[:, 0] ^ cw_t[:, 1]) & xbits.astype(np.uint8))
+    t_cw = np.negative(t_cw.astype(_U64))  # t_CW of side x_i as an all-ones / zero mask
+    cw_seed = key.cw_seed.transpose(0, 2, 1)  # (n, 2, N)
+    cw_v = key.cw_v.transpose(0, 2, 1)  # (n, k, N)
 
-    s = np.array(key.seed, dtype=_U64, order="C")  # s^(i-1)
+    mmo = _Mmo((_side_blocks(k), N))
+    seed_in = mmo.inp[0]  # s^(i-1) lives in the first input block
+    np.copyto(seed_in, key.seed)
+    out_t = mmo.out[0, :, 0]
+    out_v = mmo.out[1:].swapaxes(1, 2)  # (c, 2, N) view of the payload words of v^side
     t = np.full(N, _ONES if key.party else 0, dtype=_U64)  # t^(i-1) as a mask
     t_new = np.empty(N, dtype=_U64)
-    tmp_v = np.empty((N, k), dtype=_U64)
-    acc = np.zeros((N, k), dtype=_U64)  # V without the (-1)^b factor
-    tw = _tweaks([0], B)[0]
-    mmo = _Mmo((N, B))
-    out = mmo.out
-    out_t = out[:, 0, 0]
-    out_s = out[:, 0, :]
-    out_v = out.reshape(N, 2 * B)[:, 2 : 2 + k]
+    tmp = np.empty(N, dtype=_U64)
+    tmp_v = np.empty((k, N), dtype=_U64)
+    c = _side_blocks(k) - 1
+    acc_w = np.zeros((c, 2, N), dtype=_U64)  # V without the (-1)^b factor, padded to 2c words
+    acc = acc_w.reshape(2 * c, N)[:k]
 
     for i in range(n):
-        s[:, 1] ^= side_tw[i]
-        np.bitwise_xor(s[:, None, :], tw, out=mmo.inp)
-        mmo.run()  # G(s^(i-1)) restricted to side x_i
+        mmo.load(seed_in, side_tw[i])
+        mmo.run()  # G(s^(i-1)), only the side x_i
         np.bitwise_and(out_t, _U64(1), out=t_new)
-        out_t ^= t_new  # clear the control bit out of the seed
+        out_t ^= t_new  # take t^side out of the seed
         np.negative(t_new, out=t_new)
-        np.bitwise_and(cw_seed[i], t[:, None], out=s)  # correction by t^(i-1) * s_CW
-        s ^= out_s
-        np.bitwise_and(cw_v[i], t[:, None], out=tmp_v)  # V += v^side + t^(i-1) V_CW
+        for w in (0, 1):  # s^(i) = s^side ^ t^(i-1) s_CW
+            np.bitwise_and(cw_seed[i, w], t, out=tmp)
+            np.bitwise_xor(mmo.out[0, :, w], tmp, out=seed_in[:, w])
+        np.bitwise_and(cw_v[i], t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
         acc += tmp_v
-        acc += out_v
+        acc_w += out_v
         t &= t_cw[i]  # t^(i) = t^side ^ t^(i-1) t_CW^side
         t ^= t_new
 
-    acc += _convert(s, k)
-    np.bitwise_and(key.cw_last, t[:, None], out=tmp_v)
+    acc += _convert(seed_in, k)  # V += Convert(s^(n)) + t^(n) CW_{n+1}
+    np.bitwise_and(key.cw_last.T, t, out=tmp_v)
     acc += tmp_v
     if key.party:
-        np.negative(acc, out=acc)
-    return acc
+        np.negative(acc, out=acc)  # the (-1)^b factor of every term
+    return np.ascontiguousarray(acc.T)
