@@ -49,20 +49,11 @@ Certificate common names: party ``i`` is ``party<i>``, the dealer ``dealer``, th
 
 Precedence of a setting: explicit ``overrides`` (command-line flags) > ``SECUREINFER_*``
 environment variables > the file > built-in defaults. Overridable settings and their
-environment variables (:data:`ENV_VARS`)::
-
-    SECUREINFER_CLUSTER_NAME        cluster.name
-    SECUREINFER_FRAC_BITS           cluster.frac_bits
-    SECUREINFER_CA_CERT             cluster.ca_cert
-    SECUREINFER_CA_KEY              cluster.ca_key
-    SECUREINFER_REQUEST_TIMEOUT_S   cluster.request_timeout_s
-    SECUREINFER_RPC_TIMEOUT_S       cluster.rpc_timeout_s
-    SECUREINFER_MAX_MESSAGE_BYTES   cluster.max_message_bytes
-    SECUREINFER_CHUNK_BYTES         cluster.chunk_bytes
-    SECUREINFER_TLS                 cluster.tls   (1/0, true/false, yes/no, on/off)
-    SECUREINFER_DEALER_ADDRESS      dealer.address
-    SECUREINFER_DEALER_POOL_SIZE    dealer.pool_size
-    SECUREINFER_HE_ADDRESS          he.address
+environment variables are listed in :data:`ENV_VARS`: ``SECUREINFER_`` + the key in upper
+case for ``[cluster]`` (``SECUREINFER_REQUEST_TIMEOUT_S``, ``SECUREINFER_FRAC_BITS``,
+``SECUREINFER_TLS`` = 1/0, true/false, yes/no, on/off, ...; the cluster name is
+``SECUREINFER_CLUSTER_NAME``), plus ``SECUREINFER_DEALER_ADDRESS``,
+``SECUREINFER_DEALER_POOL_SIZE`` and ``SECUREINFER_HE_ADDRESS``.
 
 Override keys are the same settings, either dotted (``"cluster.tls"``, ``"dealer.address"``)
 or, for ``[cluster]`` keys, bare (``"request_timeout_s"``); a ``None`` value means "flag not
@@ -92,27 +83,10 @@ from typing import Any
 from secureinfer.errors import AlreadyExistsError, ConfigError
 
 __all__ = [
-    "ALL_ROLES",
-    "CONFIG_ENV_VAR",
-    "DEFAULT_IDENTITIES",
-    "ENV_VARS",
-    "ROLE_AUDITOR",
-    "ROLE_CLIENT",
-    "ROLE_DEALER",
-    "ROLE_HE",
-    "ROLE_OWNER",
-    "ROLE_PARTY",
-    "ClusterSettings",
-    "DealerEntry",
-    "HEEntry",
-    "Identity",
-    "PartyEntry",
-    "Topology",
-    "TopologyError",
-    "config_path",
-    "free_ports",
-    "load_topology",
-    "split_address",
+    "ALL_ROLES", "CONFIG_ENV_VAR", "DEFAULT_IDENTITIES", "ENV_VARS", "ROLE_AUDITOR",
+    "ROLE_CLIENT", "ROLE_DEALER", "ROLE_HE", "ROLE_OWNER", "ROLE_PARTY",
+    "ClusterSettings", "DealerEntry", "HEEntry", "Identity", "PartyEntry", "Topology",
+    "TopologyError", "config_path", "free_ports", "load_topology", "split_address",
     "write_local_topology",
 ]
 
