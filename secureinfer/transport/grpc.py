@@ -395,9 +395,14 @@ class GrpcTransport(Transport):
         return error_from_status(code.name, f"{peer} failed {what}: {details}")
 
     def send(self, session_id: str, step: int, dst: int, payload: bytes, *, timeout: float) -> None:
+        """Deliver ``payload`` to ``dst``; returns once the peer holds it in its mailbox.
+
+        The deadline is ``min(timeout, rpc_timeout_s)`` for all chunks together.
+        """
         if step < 0:
             raise InvalidArgumentError(f"step must be non-negative, got {step}")
         stub = self._stub(dst)
+        timeout = min(timeout, self.rpc_timeout_s)
         deadline = time.monotonic() + timeout
         chunks = split_chunks(payload, self.chunk_bytes)
         what = f"message (session {session_id}, step {step})"

@@ -228,6 +228,31 @@ def test_send_to_port_nobody_listens_on() -> None:
         t.close()
 
 
+class _SlowPeer(party_pb2_grpc.PeerExchangeServicer):
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Send(self, request: party_pb2.PeerMessage, context: grpc.ServicerContext) -> party_pb2.PeerAck:
+        self.release.wait(10)
+        return party_pb2.PeerAck()
+
+
+def test_send_to_stuck_peer_hits_deadline() -> None:
+    slow = _SlowPeer()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    party_pb2_grpc.add_PeerExchangeServicer_to_server(slow, server)
+    addr = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    t = GrpcTransport(0, ["127.0.0.1:1", addr], rpc_timeout_s=0.5)
+    try:
+        with pytest.raises(DeadlineExceededError, match=f"party 1 at {addr} did not answer"):
+            t.send("s", 0, 1, b"x", timeout=30)  # capped by rpc_timeout_s
+    finally:
+        slow.release.set()
+        t.close()
+        server.stop(0)
+
+
 def _raw_stub(topo: Topology, *, as_name: str, dst: int, tls_on: bool = True) -> tuple[grpc.Channel, party_pb2_grpc.PeerExchangeStub]:
     if as_name.startswith("party"):
         entry = topo.party(int(as_name[5:]))
