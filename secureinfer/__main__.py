@@ -1,0 +1,3 @@
+from secureinfer.cli import main
+
+raise SystemExit(main())

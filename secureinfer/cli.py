@@ -1,0 +1,142 @@
+"""The ``secureinfer`` command line: argument parsing only; the work happens below.
+
+Results go to stdout, logs to stderr. Exit status 0 on success, 1 on a failed check
+(e.g. an audit verdict), 2 on an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from secureinfer.errors import SecureInferError
+
+__all__ = ["main"]
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="topology TOML file (default: $SECUREINFER_CONFIG)")
+
+
+def _topology(args: argparse.Namespace, **overrides: object):  # noqa: ANN202
+    from secureinfer.config import config_path, load_topology
+
+    return load_topology(config_path(args.config), overrides=overrides or None)
+
+
+def _cmd_party(args: argparse.Namespace) -> int:
+    from secureinfer.party.server import serve
+
+    serve(_topology(args), args.id)
+    return 0
+
+
+def _cmd_dealer(args: argparse.Namespace) -> int:
+    from secureinfer.dealer.server import serve
+
+    serve(_topology(args))
+    return 0
+
+
+def _cmd_deploy(args: argparse.Namespace) -> int:
+    from secureinfer.client.sdk import deploy_graph
+    from secureinfer.graph.load import load_model_file
+
+    topo = _topology(args)
+    graph = load_model_file(Path(args.model), frac_bits=topo.cluster.frac_bits)
+    resp = deploy_graph(graph, name=args.name, config=topo, version=args.version or "", replace=args.replace,
+                        identity=args.identity)
+    print(json.dumps({"name": resp.name, "version": resp.version, "deployment_id": resp.deployment_id}))
+    return 0
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from secureinfer.client.sdk import Client
+
+    x = np.load(args.input, allow_pickle=False)
+    with Client(_topology(args), identity=args.identity) as c:
+        y = c.infer(args.model, x, version=args.version or "")
+        np.save(args.output, y, allow_pickle=False)
+        print(json.dumps({"output": args.output, "shape": list(np.shape(y)), **c.last_cost.as_dict()}))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from secureinfer.client.admin import list_models
+
+    for m in list_models(_topology(args), identity=args.identity):
+        print(json.dumps(m))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from secureinfer.demo import run_demo
+
+    return run_demo(workdir=Path(args.workdir), samples=args.samples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="secureinfer", description="Privacy-preserving inference (MPC and CKKS).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("party", help="run a compute party")
+    sp.add_argument("--id", type=int, required=True)
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_party)
+
+    sp = sub.add_parser("dealer", help="run the dealer of correlated randomness")
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_dealer)
+
+    sp = sub.add_parser("deploy", help="secret-share a model onto the parties (role owner)")
+    sp.add_argument("model", help="TorchScript file (torch.jit.save) of an nn.Sequential")
+    sp.add_argument("--name", required=True)
+    sp.add_argument("--version", default="")
+    sp.add_argument("--replace", action="store_true", help="overwrite an existing version")
+    sp.add_argument("--identity", default="owner")
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_deploy)
+
+    sp = sub.add_parser("infer", help="secure inference on a .npy input (role client)")
+    sp.add_argument("--model", required=True)
+    sp.add_argument("--version", default="")
+    sp.add_argument("--input", required=True)
+    sp.add_argument("--output", required=True)
+    sp.add_argument("--identity", default="client")
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_infer)
+
+    sp = sub.add_parser("models", help="list deployed models")
+    sp.add_argument("--identity", default="client")
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_models)
+
+    sp = sub.add_parser("demo", help="run a local demo cluster end to end")
+    sp.add_argument("--workdir", default=".demo")
+    sp.add_argument("--samples", type=int, default=0, help="test samples to run (0 = whole test split)")
+    sp.set_defaults(func=_cmd_demo)
+
+    from secureinfer import certs
+
+    certs.register_cli(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SecureInferError as exc:
+        print(f"secureinfer: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

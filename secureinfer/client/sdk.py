@@ -1,0 +1,218 @@
+"""Client and model-owner SDK.
+
+``Client(config).infer(name, x)`` encodes ``x`` in fixed point, splits it into additive
+shares with the CSPRNG, sends one share to each party, collects the output shares and
+reconstructs them — only the client ever sees the output. ``deploy(module, example, ...)``
+is the owner's side: import the model, encode and share its weights, and send each party
+only its share.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from secureinfer import ring
+from secureinfer.config import Topology, load_topology
+from secureinfer.engine.runner import encode_params
+from secureinfer.errors import SecureInferError, ShapeError
+from secureinfer.graph.ir import Graph
+from secureinfer.prg import Prg
+from secureinfer.sharing import reconstruct, share
+from secureinfer.transport import tls
+from secureinfer.transport.codec import share_from_proto, split_chunks, tensor_to_proto
+from secureinfer.v1 import common_pb2, party_pb2, party_pb2_grpc
+
+__all__ = ["Client", "InferenceCost", "deploy", "deploy_graph"]
+
+
+@dataclass(frozen=True)
+class InferenceCost:
+    """What one request cost: measured at the client and reported by every party."""
+
+    latency_ms: float
+    rounds: int
+    bytes_online: int  # party-to-party bytes, all parties together
+    bytes_offline: int  # dealer-to-party bytes, all parties together
+    bytes_client_up: int
+    bytes_client_down: int
+    party_latency_ms: tuple[float, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "latency_ms": round(self.latency_ms, 3), "rounds": self.rounds, "bytes_online": self.bytes_online,
+            "bytes_offline": self.bytes_offline, "bytes_client_up": self.bytes_client_up,
+            "bytes_client_down": self.bytes_client_down,
+        }
+
+
+def _topology(config: str | Path | Topology) -> Topology:
+    return config if isinstance(config, Topology) else load_topology(config)
+
+
+class _Cluster:
+    """Channels from one identity to every party (mTLS), shared by SDK calls."""
+
+    def __init__(self, config: str | Path | Topology, identity: str) -> None:
+        self.topology = _topology(config)
+        self.ident = self.topology.identity(identity)
+        st = self.topology.cluster
+        self.metadata = () if st.tls else tls.insecure_identity_metadata(self.ident.name, self.ident.role)
+        self.channels = [
+            tls.open_channel(p.address, settings=st, cert=self.ident.cert, key=self.ident.key)
+            for p in self.topology.parties
+        ]
+        self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.channels)), thread_name_prefix="si-client")
+
+    def call_all(self, fn: Any) -> list[Any]:
+        """Run ``fn(party_id, channel)`` on every party concurrently; raise the clearest error."""
+        futs = [self.pool.submit(fn, i, ch) for i, ch in enumerate(self.channels)]
+        results, errors = [], []
+        for i, f in enumerate(futs):
+            try:
+                results.append(f.result())
+            except grpc.RpcError as err:
+                addr = self.topology.party(i).address
+                errors.append(tls.error_from_rpc_error(err, peer=f"party {i} at {addr}"))
+            except SecureInferError as exc:
+                errors.append(exc)
+        if errors:
+            # a dead party's UNAVAILABLE is more telling than its peers' aborts
+            errors.sort(key=lambda e: 0 if "unavailable" in str(e).lower() or e.grpc_code == "UNAVAILABLE" else 1)
+            raise errors[0]
+        return results
+
+    def close(self) -> None:
+        for ch in self.channels:
+            ch.close()
+        self.pool.shutdown(wait=False)
+
+
+class Client:
+    """Secure inference against a deployed model (role ``client``).
+
+    >>> with Client("parties/local.toml") as c:
+    ...     y = c.infer("digits", x)      # numpy logits; c.last_cost has the request's cost
+    """
+
+    def __init__(self, config: str | Path | Topology, *, identity: str = "client", timeout: float | None = None) -> None:
+        self._c = _Cluster(config, identity)
+        self.topology = self._c.topology
+        self.timeout = timeout or self.topology.cluster.request_timeout_s
+        self.last_cost: InferenceCost | None = None
+        self._prg = Prg.from_os()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._c.close()
+
+    def metadata(self, name: str, *, version: str = "") -> common_pb2.ModelMetadataResponse:
+        req = common_pb2.ModelMetadataRequest(name=name, version=version)
+        return self._c.call_all(
+            lambda i, ch: party_pb2_grpc.InferenceStub(ch).ModelMetadata(req, timeout=self.timeout, metadata=self._c.metadata)
+        )[0]
+
+    def infer(
+        self, name: str, x: np.ndarray | torch.Tensor | Sequence[Any], *, version: str = "",
+        outputs: Sequence[str] = ("logits",), frac_bits: int | None = None,
+    ) -> np.ndarray | dict[str, np.ndarray]:
+        """Secure inference of ``x`` (batch first). Returns the logits, or a dict if several outputs."""
+        t0 = time.perf_counter()
+        arr = torch.as_tensor(np.asarray(x))
+        if not (arr.is_floating_point() or arr.dtype in (torch.int32, torch.int64, torch.uint8)):
+            raise ShapeError(f"input must be a numeric array, got dtype {arr.dtype}")
+        f = frac_bits if frac_bits is not None else self.topology.cluster.frac_bits
+        enc = ring.encode(arr.to(torch.float64), frac_bits=f)
+        shares = share(enc, self.topology.n_parties, prg=self._prg)
+        rid = uuid.uuid4().hex
+        reqs = [
+            party_pb2.InferRequest(
+                model_name=name, model_version=version, request_id=rid, outputs=list(outputs),
+                input=tensor_to_proto(s, encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=f),
+            )
+            for s in shares
+        ]
+        resps: list[party_pb2.InferResponse] = self._c.call_all(
+            lambda i, ch: party_pb2_grpc.InferenceStub(ch).Infer(reqs[i], timeout=self.timeout, metadata=self._c.metadata)
+        )
+        out: dict[str, np.ndarray] = {}
+        for oname in outputs:
+            parts, frac = [], None
+            for r in resps:
+                nt = next((t for t in r.outputs if t.name == oname), None)
+                if nt is None:
+                    raise SecureInferError(f"party {r.party_id} returned no output {oname!r}")
+                parts.append(share_from_proto(nt.tensor))
+                frac = nt.tensor.frac_bits
+            value = reconstruct(parts)
+            out[oname] = (value.numpy().astype(np.int64) if oname == "argmax"
+                          else ring.decode(value, frac_bits=int(frac or 0)).numpy())
+        self.last_cost = InferenceCost(
+            latency_ms=(time.perf_counter() - t0) * 1e3,
+            rounds=max(r.cost.rounds for r in resps),
+            bytes_online=sum(r.cost.bytes_sent_online for r in resps),
+            bytes_offline=sum(r.cost.bytes_offline for r in resps),
+            bytes_client_up=sum(q.ByteSize() for q in reqs),
+            bytes_client_down=sum(r.ByteSize() for r in resps),
+            party_latency_ms=tuple(r.cost.latency_ms for r in resps),
+        )
+        return out[outputs[0]] if len(outputs) == 1 else out
+
+
+def deploy_graph(
+    graph: Graph, *, name: str, config: str | Path | Topology, version: str = "", replace: bool = False,
+    identity: str = "owner",
+) -> party_pb2.DeployResponse:
+    """Encode, share and send a model graph with parameters to every party (role ``owner``)."""
+    c = _Cluster(config, identity)
+    try:
+        n = c.topology.n_parties
+        enc = encode_params(graph)
+        prg = Prg.from_os()
+        per_party: list[party_pb2.WeightShares] = [party_pb2.WeightShares() for _ in range(n)]
+        for pname, value in enc.items():
+            for i, s in enumerate(share(value, n, prg=prg)):
+                per_party[i].tensors.add(name=pname, tensor=tensor_to_proto(s, encoding=common_pb2.ENCODING_ADDITIVE_SHARE,
+                                                                        frac_bits=graph.frac_bits))
+        deployment_id = uuid.uuid4().hex
+        chunk = c.topology.cluster.chunk_bytes
+        gjson = graph.public_json()
+        timeout = c.topology.cluster.request_timeout_s
+
+        def send(i: int, ch: grpc.Channel) -> party_pb2.DeployResponse:
+            data = per_party[i].SerializeToString()
+            header = party_pb2.DeployHeader(name=name, version=version, deployment_id=deployment_id, replace=replace,
+                                            graph=gjson, total_bytes=len(data))
+            msgs = [party_pb2.DeployChunk(header=header)] + [party_pb2.DeployChunk(data=p) for p in split_chunks(data, chunk)]
+            return party_pb2_grpc.ModelAdminStub(ch).Deploy(iter(msgs), timeout=timeout, metadata=c.metadata)
+
+        return c.call_all(send)[0]
+    finally:
+        c.close()
+
+
+def deploy(
+    module: torch.nn.Module, example_input: torch.Tensor | Sequence[int], *, name: str,
+    config: str | Path | Topology, version: str = "", replace: bool = False, identity: str = "owner",
+    frac_bits: int | None = None,
+) -> party_pb2.DeployResponse:
+    """Import a PyTorch model and deploy it as secret shares (see :func:`deploy_graph`)."""
+    from secureinfer.graph.torch_import import from_torch
+
+    topo = _topology(config)
+    graph = from_torch(module.eval(), example_input, frac_bits=frac_bits or topo.cluster.frac_bits)
+    return deploy_graph(graph, name=name, config=topo, version=version, replace=replace, identity=identity)

@@ -1,0 +1,1 @@
+"""Correlated randomness: what a model needs, and how the dealer generates it."""

@@ -1,0 +1,1 @@
+"""Runs a model graph on secret shares inside one party's Session."""

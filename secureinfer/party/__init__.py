@@ -1,0 +1,1 @@
+"""The compute-party process: gRPC server, model store, inference sessions."""

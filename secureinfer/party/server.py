@@ -1,0 +1,451 @@
+"""The compute-party process (``secureinfer party --id N --config FILE``).
+
+Services on one mTLS gRPC port:
+
+* ``Inference`` — ``ServerLive``, ``ServerReady`` (every peer and the dealer answer),
+  ``ModelMetadata``, ``Infer`` (role ``client``).
+* ``ModelAdmin`` — ``Deploy`` (streamed, role ``owner``), ``Remove``, ``ListModels``.
+* ``PeerExchange`` — protocol messages from the other parties (role ``party``).
+* ``grpc.health.v1.Health`` — the standard health service.
+
+A request that cannot finish ends everywhere: any error inside a session aborts it on
+this party and notifies the peers (who fail at once instead of waiting for a timeout),
+frees its mailbox, and returns one clear status to the client.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from secureinfer.config import ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, ROLE_PARTY, Topology
+from secureinfer.dealer.material import PartyBundle
+from secureinfer.dealer.wire import bundle_from_bytes
+from secureinfer.engine.plan import Plan, compile_plan
+from secureinfer.engine.runner import PartyModel, open_masks, run_plan
+from secureinfer.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ProtocolError,
+    SecureInferError,
+    ShapeError,
+)
+from secureinfer.graph.ir import Graph
+from secureinfer.log import Logger
+from secureinfer.party.store import ModelRecord, ModelStore, check_name
+from secureinfer.protocols.session import Session
+from secureinfer.transport import tls
+from secureinfer.transport.codec import Reassembler, share_from_proto, tensor_to_proto
+from secureinfer.transport.grpc import GrpcTransport
+from secureinfer.v1 import common_pb2, dealer_pb2, dealer_pb2_grpc, party_pb2, party_pb2_grpc
+
+__all__ = ["PartyServer", "serve"]
+
+_RID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_DEPLOY_BYTES = 1 << 31
+OUTPUTS = ("logits", "argmax")
+
+
+@dataclass
+class LoadedModel:
+    record: ModelRecord
+    graph: Graph
+    model: PartyModel
+    plans: dict[tuple[int, bool], Plan] = field(default_factory=dict)
+
+    def plan(self, batch: int, argmax: bool, n_parties: int) -> Plan:
+        key = (batch, argmax)
+        p = self.plans.get(key)
+        if p is None:
+            p = self.plans[key] = compile_plan(self.graph, batch=batch, n_parties=n_parties, argmax=argmax)
+        return p
+
+
+class PartyServer:
+    def __init__(self, topology: Topology, party_id: int, *, max_workers: int = 64) -> None:
+        self.topology = topology
+        self.party_id = party_id
+        self.me = topology.party(party_id)
+        self.n = topology.n_parties
+        self.settings = topology.cluster
+        self.log = Logger("party", party=party_id)
+        self.transport = GrpcTransport.from_topology(topology, party_id)
+        self.store = ModelStore(self.me.data_dir, self.me.storage_key)
+        self._insecure = not self.settings.tls
+        self._lock = threading.Lock()
+        self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._dealer_channel = tls.open_channel(
+            topology.dealer.address, settings=self.settings, cert=self.me.cert, key=self.me.key
+        )
+        self.dealer = dealer_pb2_grpc.DealerStub(self._dealer_channel)
+        self._peer_channels = {
+            p.id: tls.open_channel(p.address, settings=self.settings, cert=self.me.cert, key=self.me.key)
+            for p in topology.peers(party_id)
+        }
+        self._server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"party{party_id}"),
+            options=tls.server_options(self.settings),
+        )
+        party_pb2_grpc.add_InferenceServicer_to_server(_Inference(self), self._server)
+        party_pb2_grpc.add_ModelAdminServicer_to_server(_Admin(self), self._server)
+        self.transport.add_to_server(self._server)
+        self._health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        self.port = tls.bind_server(self._server, self.me.address, settings=self.settings, cert=self.me.cert, key=self.me.key)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._load_models()
+        self._server.start()
+        self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.log.info("listening", address=self.me.address, models=len(self._models))
+
+    def stop(self, grace: float = 2.0) -> None:
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait(grace + 1)
+        self.transport.close()
+        self._dealer_channel.close()
+        for ch in self._peer_channels.values():
+            ch.close()
+        self.log.info("stopped")
+
+    def wait(self) -> None:
+        self._server.wait_for_termination()
+
+    def _load_models(self) -> None:
+        for name in self.store.names():
+            for version in self.store.versions(name):
+                try:
+                    self._install(self.store.load(name, version))
+                except SecureInferError as exc:
+                    self.log.error("model_load_failed", model=name, version=version, error=str(exc))
+
+    def _install(self, rec: ModelRecord) -> LoadedModel:
+        graph = Graph.from_public_json(rec.graph_json)
+        masks = {k: PartyBundle(self.party_id, rec.model_seed).share(f"{k}/B", v.shape) for k, v in rec.diffs.items()}
+        pm = PartyModel(graph, party_id=self.party_id, shares=rec.shares, masks=masks, diffs=rec.diffs)
+        lm = LoadedModel(rec, graph, pm)
+        with self._lock:
+            self._models[(rec.name, rec.version)] = lm
+        return lm
+
+    def model(self, name: str, version: str = "") -> LoadedModel:
+        with self._lock:
+            if version:
+                lm = self._models.get((name, version))
+            else:
+                cands = [m for (n, _), m in self._models.items() if n == name]
+                lm = max(cands, key=lambda m: (m.record.created, m.record.version)) if cands else None
+        if lm is None:
+            what = f"model {name!r}" + (f" version {version!r}" if version else "")
+            raise NotFoundError(f"{what} is not deployed on party {self.party_id}")
+        return lm
+
+    # ------------------------------------------------------------------ dealer
+    def _rpc(self, fn: Any, request: Any, what: str) -> Any:
+        try:
+            return fn(request, timeout=self.settings.rpc_timeout_s)
+        except grpc.RpcError as err:
+            raise tls.error_from_rpc_error(err, peer=f"dealer at {self.topology.dealer.address} ({what})") from None
+
+    def register_with_dealer(self, deployment_id: str, graph_json: bytes) -> bytes:
+        req = dealer_pb2.RegisterModelRequest(
+            deployment_id=deployment_id, graph=graph_json, party_id=self.party_id, n_parties=self.n
+        )
+        return self._rpc(self.dealer.RegisterModel, req, "register").model_seed
+
+    def fetch_material(self, lm: LoadedModel, session_id: str, batch: int, purpose: str) -> PartyBundle:
+        req = dealer_pb2.FetchRequest(
+            deployment_id=lm.record.deployment_id, session_id=session_id, party_id=self.party_id,
+            batch=batch, purpose=purpose,
+        )
+        for attempt in (0, 1):
+            try:
+                re_ = Reassembler(max_bytes=self.settings.max_message_bytes * 64)
+                data = None
+                for chunk in self.dealer.Fetch(req, timeout=self.settings.rpc_timeout_s):
+                    data = re_.add(session_id, chunk.chunk_index, chunk.chunk_count, chunk.data) or data
+                if data is None:
+                    raise ProtocolError("dealer sent no material")
+                return bundle_from_bytes(data, party_id=self.party_id)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND and attempt == 0:
+                    # the dealer restarted: its model seeds are re-derived on registration
+                    self.register_with_dealer(lm.record.deployment_id, lm.record.graph_json)
+                    continue
+                raise tls.error_from_rpc_error(err, peer=f"dealer at {self.topology.dealer.address}") from None
+        raise ProtocolError("unreachable")
+
+    # ------------------------------------------------------------------ inference
+    def infer(self, req: party_pb2.InferRequest, deadline: float) -> party_pb2.InferResponse:
+        t0 = time.perf_counter()
+        lm = self.model(req.model_name, req.model_version)
+        if not _RID_RE.match(req.request_id):
+            raise InvalidArgumentError("request_id must be 1..64 characters of [A-Za-z0-9_-]")
+        outputs = list(req.outputs) or ["logits"]
+        bad = [o for o in outputs if o not in OUTPUTS]
+        if bad:
+            raise InvalidArgumentError(f"unknown outputs {bad}; available: {list(OUTPUTS)}")
+        spec = lm.graph.input_spec()
+        expected = "(batch, " + ", ".join(str(d) for d in spec.shape[1:]) + ")"
+        if req.input.encoding != common_pb2.ENCODING_ADDITIVE_SHARE:
+            raise ShapeError(f"input must be an additive share (INT64) of shape {expected}")
+        x = share_from_proto(req.input, expect_frac_bits=lm.graph.frac_bits)
+        if x.dim() != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]) or x.shape[0] < 1:
+            raise ShapeError(f"model {lm.record.name!r} expects input of shape {expected}, got {tuple(x.shape)}")
+        batch = int(x.shape[0])
+        argmax = "argmax" in outputs
+        sid = f"infer/{lm.record.deployment_id}/{req.request_id}"
+        session = Session(
+            party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
+            timeout=self.settings.rpc_timeout_s, deadline=deadline,
+        )
+        try:
+            t_off = time.perf_counter()
+            bundle = self.fetch_material(lm, sid, batch, "argmax" if argmax else "logits")
+            session.costs.offline_ms = (time.perf_counter() - t_off) * 1e3
+            session.costs.bytes_offline = bundle.nbytes
+            plan = lm.plan(batch, argmax, self.n)
+            outs = run_plan(session, plan, lm.model, bundle, x)
+        except BaseException as exc:
+            self.transport.abort(sid, f"party {self.party_id}: {exc}")
+            raise
+        finally:
+            self.transport.close_session(sid)
+        resp = party_pb2.InferResponse(
+            model_name=lm.record.name, model_version=lm.record.version, request_id=req.request_id,
+            party_id=self.party_id,
+        )
+        for name in outputs:
+            frac = plan.output_scale if name == "logits" else 0
+            resp.outputs.add(name=name, tensor=tensor_to_proto(
+                outs[name], encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=frac))
+        c = session.costs
+        resp.cost.CopyFrom(common_pb2.Cost(
+            latency_ms=(time.perf_counter() - t0) * 1e3, rounds=c.rounds, bytes_sent_online=c.bytes_sent,
+            bytes_received_online=c.bytes_received, bytes_offline=c.bytes_offline, offline_ms=c.offline_ms,
+        ))
+        self.log.info("infer", request=req.request_id, model=lm.record.name, version=lm.record.version,
+                      batch=batch, rounds=c.rounds, bytes_sent=c.bytes_sent, ms=round(resp.cost.latency_ms, 2))
+        return resp
+
+    # ------------------------------------------------------------------ deployment
+    def deploy(self, header: party_pb2.DeployHeader, payload: bytes) -> party_pb2.DeployResponse:
+        name = check_name("model name", header.name)
+        version = check_name("version", header.version or "1")
+        if not _RID_RE.match(header.deployment_id):
+            raise InvalidArgumentError("deployment_id must be 1..64 characters of [A-Za-z0-9_-]")
+        if self.store.exists(name, version) and not header.replace:
+            from secureinfer.errors import AlreadyExistsError
+
+            raise AlreadyExistsError(
+                f"model {name} version {version} is already deployed; use a new version or replace"
+            )
+        graph = Graph.from_public_json(header.graph)
+        shares = _parse_weight_shares(payload, graph)
+        sid = f"deploy/{header.deployment_id}"
+        session = Session(party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
+                          timeout=self.settings.rpc_timeout_s, deadline=time.monotonic() + self.settings.request_timeout_s)
+        try:
+            seed = self.register_with_dealer(header.deployment_id, header.graph)
+            masks, diffs = open_masks(session, graph, shares, PartyBundle(self.party_id, seed))
+        except BaseException as exc:
+            self.transport.abort(sid, f"party {self.party_id}: {exc}")
+            raise
+        finally:
+            self.transport.close_session(sid)
+        rec = ModelRecord(name, version, header.deployment_id, ModelStore.now(), bytes(header.graph), seed, shares, diffs)
+        self.store.save(rec, replace=header.replace)
+        self._install(rec)
+        c = session.costs
+        self.log.info("deployed", model=name, version=version, deployment=header.deployment_id, bytes=c.bytes_sent)
+        return party_pb2.DeployResponse(
+            name=name, version=version, deployment_id=header.deployment_id,
+            cost=common_pb2.Cost(rounds=c.rounds, bytes_sent_online=c.bytes_sent, bytes_received_online=c.bytes_received),
+        )
+
+    def remove(self, name: str, version: str) -> None:
+        lm = self.model(name, version)
+        self.store.remove(lm.record.name, lm.record.version)
+        with self._lock:
+            self._models.pop((lm.record.name, lm.record.version), None)
+        try:
+            self.dealer.Release(dealer_pb2.ReleaseRequest(deployment_id=lm.record.deployment_id),
+                                timeout=self.settings.rpc_timeout_s)
+        except grpc.RpcError:
+            pass  # the dealer forgets unused deployments on restart anyway
+        self.log.info("removed", model=lm.record.name, version=lm.record.version)
+
+    def ready(self) -> tuple[bool, str]:
+        problems = []
+        for pid, ch in self._peer_channels.items():
+            try:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+            except grpc.RpcError as err:
+                problems.append(f"party {pid}: {err.code().name}")
+        try:
+            self.dealer.ServerLive(common_pb2.ServerLiveRequest(), timeout=2.0)
+        except grpc.RpcError as err:
+            problems.append(f"dealer: {err.code().name}")
+        return (not problems, "; ".join(problems))
+
+
+def _parse_weight_shares(payload: bytes, graph: Graph) -> dict[str, torch.Tensor]:
+    msg = party_pb2.WeightShares()
+    try:
+        msg.ParseFromString(payload)
+    except Exception as exc:
+        raise InvalidArgumentError(f"malformed weight shares: {exc}") from exc
+    shares = {t.name: share_from_proto(t.tensor) for t in msg.tensors}
+    problems = []
+    for n in graph.nodes:
+        if n.op != "linear":
+            continue
+        want = {n.attrs["weight"]: (n.attrs["in_features"], n.attrs["out_features"])}
+        if n.attrs.get("bias"):
+            want[n.attrs["bias"]] = (n.attrs["out_features"],)
+        for k, shp in want.items():
+            got = shares.get(k)
+            if got is None:
+                problems.append(f"missing share of {k}")
+            elif tuple(got.shape) != shp:
+                problems.append(f"share of {k} has shape {tuple(got.shape)}, expected {shp}")
+    if problems:
+        raise InvalidArgumentError("weight shares do not match the graph: " + "; ".join(problems))
+    return shares
+
+
+def _guard(server: PartyServer, ctx: grpc.ServicerContext, what: str, fn: Any) -> Any:
+    try:
+        return fn()
+    except SecureInferError as exc:
+        server.log.warning(f"{what}_failed", code=exc.grpc_code, error=str(exc))
+        tls.abort_with(ctx, exc)
+    except Exception as exc:  # a bug: say so without leaking internals
+        server.log.error(f"{what}_crashed", error=repr(exc))
+        ctx.abort(grpc.StatusCode.INTERNAL, f"party {server.party_id}: internal error in {what}")
+
+
+class _Inference(party_pb2_grpc.InferenceServicer):
+    def __init__(self, s: PartyServer) -> None:
+        self.s = s
+
+    def _auth(self, ctx: grpc.ServicerContext, *roles: str) -> None:
+        tls.require_role(ctx, *roles, insecure_metadata=self.s._insecure)
+
+    def ServerLive(self, request: Any, ctx: grpc.ServicerContext) -> common_pb2.ServerLiveResponse:
+        return common_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request: Any, ctx: grpc.ServicerContext) -> common_pb2.ServerReadyResponse:
+        ok, reason = self.s.ready()
+        return common_pb2.ServerReadyResponse(ready=ok, reason=reason)
+
+    def ModelMetadata(self, request: Any, ctx: grpc.ServicerContext) -> common_pb2.ModelMetadataResponse:
+        def run() -> common_pb2.ModelMetadataResponse:
+            self._auth(ctx, ROLE_CLIENT, ROLE_OWNER, ROLE_AUDITOR)
+            lm = self.s.model(request.name, request.version)
+            g = lm.graph
+            plan = lm.plan(1, False, self.s.n)
+            resp = common_pb2.ModelMetadataResponse(
+                name=lm.record.name, versions=self.s.store.versions(lm.record.name), platform="secureinfer-mpc",
+            )
+            resp.inputs.add(name=g.input_spec().name, datatype=common_pb2.DTYPE_FLOAT64, shape=list(g.input_spec().shape))
+            resp.outputs.add(name="logits", datatype=common_pb2.DTYPE_FLOAT64, shape=list((-1, *plan.output_shape[1:])))
+            resp.parameters.update({
+                "version": lm.record.version, "frac_bits": str(g.frac_bits), "n_parties": str(self.s.n),
+                "input_encoding": "additive shares over Z_2^64, INT64, frac_bits as above",
+                "comparison": plan.method, "rounds_batch1": str(plan.rounds()),
+                "output_frac_bits": str(plan.output_scale), "deployment_id": lm.record.deployment_id,
+                "security": "semi-honest; any n-1 of n parties may collude; the dealer does not collude",
+            })
+            return resp
+
+        return _guard(self.s, ctx, "metadata", run)
+
+    def Infer(self, request: party_pb2.InferRequest, ctx: grpc.ServicerContext) -> party_pb2.InferResponse:
+        def run() -> party_pb2.InferResponse:
+            self._auth(ctx, ROLE_CLIENT)
+            left = ctx.time_remaining()
+            budget = self.s.settings.request_timeout_s if left is None else min(left, self.s.settings.request_timeout_s)
+            return self.s.infer(request, time.monotonic() + budget)
+
+        return _guard(self.s, ctx, "infer", run)
+
+
+class _Admin(party_pb2_grpc.ModelAdminServicer):
+    def __init__(self, s: PartyServer) -> None:
+        self.s = s
+
+    def Deploy(self, request_iterator: Any, ctx: grpc.ServicerContext) -> party_pb2.DeployResponse:
+        def run() -> party_pb2.DeployResponse:
+            tls.require_role(ctx, ROLE_OWNER, insecure_metadata=self.s._insecure)
+            header = None
+            buf = bytearray()
+            for chunk in request_iterator:
+                if chunk.HasField("header"):
+                    if header is not None:
+                        raise InvalidArgumentError("deploy stream has two headers")
+                    header = chunk.header
+                    if header.total_bytes > MAX_DEPLOY_BYTES:
+                        raise InvalidArgumentError(f"model of {header.total_bytes} bytes exceeds {MAX_DEPLOY_BYTES}")
+                else:
+                    if header is None:
+                        raise InvalidArgumentError("deploy stream must start with a header")
+                    buf += chunk.data
+                    if len(buf) > header.total_bytes:
+                        raise InvalidArgumentError("deploy stream longer than its header announced")
+            if header is None or len(buf) != header.total_bytes:
+                raise InvalidArgumentError("deploy stream ended early")
+            return self.s.deploy(header, bytes(buf))
+
+        return _guard(self.s, ctx, "deploy", run)
+
+    def Remove(self, request: party_pb2.RemoveRequest, ctx: grpc.ServicerContext) -> party_pb2.RemoveResponse:
+        def run() -> party_pb2.RemoveResponse:
+            tls.require_role(ctx, ROLE_OWNER, insecure_metadata=self.s._insecure)
+            self.s.remove(request.name, request.version)
+            return party_pb2.RemoveResponse()
+
+        return _guard(self.s, ctx, "remove", run)
+
+    def ListModels(self, request: Any, ctx: grpc.ServicerContext) -> party_pb2.ListModelsResponse:
+        def run() -> party_pb2.ListModelsResponse:
+            tls.require_role(ctx, ROLE_OWNER, ROLE_CLIENT, ROLE_AUDITOR, insecure_metadata=self.s._insecure)
+            resp = party_pb2.ListModelsResponse()
+            with self.s._lock:
+                for (name, version), lm in sorted(self.s._models.items()):
+                    resp.models.add(name=name, version=version, deployment_id=lm.record.deployment_id,
+                                    created=lm.record.created)
+            return resp
+
+        return _guard(self.s, ctx, "list", run)
+
+
+def serve(topology: Topology, party_id: int) -> None:
+    """Run party ``party_id`` until SIGTERM/SIGINT."""
+    server = PartyServer(topology, party_id)
+    server.start()
+    done = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        done.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    server.stop()
+
+
+# keep names used only for typing from being flagged as unused
+_ = (np, uuid, ROLE_PARTY)

@@ -1,0 +1,137 @@
+"""A party's deployed models, encrypted at rest with AES-256-GCM.
+
+One file per (name, version): ``<data_dir>/models/<name>/<version>.sim``. Layout:
+``b"SIM1" | u32 header length | header JSON | 12-byte nonce | ciphertext``; the header
+(name, version, deployment id, creation time — nothing secret) is the GCM associated data,
+so it cannot be altered without detection; the ciphertext holds the graph, this party's
+weight shares, its fixed-mask seed and the opened mask differences ``E``. The key is the
+party's 32-byte ``storage_key`` file.
+
+Writes go to a temporary file that is fsync'd and renamed over the target, so a crash or
+a full disk leaves the previous version intact; an error says what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from secureinfer.dealer.material import PartyBundle
+from secureinfer.dealer.wire import bundle_from_bytes, bundle_to_bytes
+from secureinfer.errors import AlreadyExistsError, ConfigError, IntegrityError, InvalidArgumentError, NotFoundError, SecureInferError
+
+__all__ = ["ModelRecord", "ModelStore"]
+
+_MAGIC = b"SIM1"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_name(kind: str, value: str) -> str:
+    if not _NAME_RE.match(value or ""):
+        raise InvalidArgumentError(f"{kind} {value!r} must match {_NAME_RE.pattern}")
+    return value
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    version: str
+    deployment_id: str
+    created: str
+    graph_json: bytes
+    model_seed: bytes
+    shares: dict[str, torch.Tensor]
+    diffs: dict[str, torch.Tensor]
+
+
+class ModelStore:
+    def __init__(self, data_dir: Path, storage_key_path: Path) -> None:
+        self.root = Path(data_dir) / "models"
+        try:
+            key = Path(storage_key_path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read storage key {storage_key_path}: {exc}") from None
+        if len(key) != 32:
+            raise ConfigError(f"storage key {storage_key_path} must hold 32 bytes, has {len(key)}")
+        self._aead = AESGCM(key)
+
+    def _path(self, name: str, version: str) -> Path:
+        return self.root / check_name("model name", name) / f"{check_name('version', version)}.sim"
+
+    def exists(self, name: str, version: str) -> bool:
+        return self._path(name, version).exists()
+
+    def versions(self, name: str) -> list[str]:
+        d = self.root / name
+        return sorted(p.stem for p in d.glob("*.sim")) if d.is_dir() else []
+
+    def names(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir()) if self.root.is_dir() else []
+
+    def save(self, rec: ModelRecord, *, replace: bool) -> None:
+        path = self._path(rec.name, rec.version)
+        if path.exists() and not replace:
+            raise AlreadyExistsError(f"model {rec.name} version {rec.version} exists; deploy with replace to overwrite")
+        header = json.dumps(
+            {"name": rec.name, "version": rec.version, "deployment_id": rec.deployment_id, "created": rec.created},
+            sort_keys=True,
+        ).encode()
+        body = PartyBundle(0, rec.model_seed, {**{f"w/{k}": v for k, v in rec.shares.items()},
+                                               **{f"e/{k}": v for k, v in rec.diffs.items()}},
+                           {"graph": rec.graph_json})
+        nonce = os.urandom(12)
+        blob = _MAGIC + struct.pack("<I", len(header)) + header + nonce + self._aead.encrypt(nonce, bundle_to_bytes(body), header)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(blob)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise SecureInferError(f"cannot store model {rec.name}/{rec.version} in {path.parent}: {exc}") from exc
+
+    def load(self, name: str, version: str) -> ModelRecord:
+        path = self._path(name, version)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"model {name} version {version} not found") from None
+        if data[:4] != _MAGIC or len(data) < 8:
+            raise IntegrityError(f"{path} is not a secureinfer model file")
+        (hlen,) = struct.unpack("<I", data[4:8])
+        header = data[8 : 8 + hlen]
+        nonce = data[8 + hlen : 20 + hlen]
+        try:
+            plain = self._aead.decrypt(nonce, data[20 + hlen :], header)
+        except InvalidTag:
+            raise IntegrityError(f"{path} failed authentication (wrong storage key or tampered file)") from None
+        meta = json.loads(header)
+        b = bundle_from_bytes(plain, party_id=0)
+        return ModelRecord(
+            name=meta["name"], version=meta["version"], deployment_id=meta["deployment_id"], created=meta["created"],
+            graph_json=b.blobs["graph"], model_seed=b.seed,
+            shares={k[2:]: v for k, v in b.tensors.items() if k.startswith("w/")},
+            diffs={k[2:]: v for k, v in b.tensors.items() if k.startswith("e/")},
+        )
+
+    def remove(self, name: str, version: str) -> None:
+        path = self._path(name, version)
+        if not path.exists():
+            raise NotFoundError(f"model {name} version {version} not found")
+        path.unlink()
+
+    @staticmethod
+    def now() -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,1 @@
+"""MPC protocols as plain functions of ``(session, shares, material)``."""

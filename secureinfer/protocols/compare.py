@@ -1,0 +1,204 @@
+"""Secure comparison, ReLU, max and argmax.
+
+All of them are built on one *comparison gate* (:func:`gate`). For a shared ``[x]`` with
+``|x| < 2^ell`` the gate returns shares of ``b * v`` where ``b = [x >= 0]`` and ``v`` is
+a short vector of values the dealer knows (the payload, see
+:data:`secureinfer.dealer.material.GATE_PAYLOADS`):
+
+* ``sign``: v = (1,)                 -> [b]
+* ``relu``: v = (1, r)               -> [b * x]                     (ReLU, no truncation)
+* ``relu_trunc``: v = (1, r>>f, r_63) -> [b * (x >> f)]             (ReLU fused with truncation)
+
+Gate (masked-input comparison): the dealer draws ``r`` uniform in Z_2^64. The parties
+open ``c = x + 2^ell + r`` (uniform, so it reveals nothing). With ``u = x + 2^ell`` in
+``[0, 2^(ell+1))``, ``b`` is bit ``ell`` of ``u = c - r``, i.e.
+
+    b = c_ell XOR r_ell XOR [c mod 2^ell < r mod 2^ell]
+
+and the last comparison is approximated on bits ``[cut, ell)`` only:
+``d = [c[cut:ell] < r[cut:ell]]``. Dropping the low ``cut`` bits can only misclassify
+``x`` in ``[-2^cut, 0)`` as non-negative, an error below 2^cut units (2^-12 in real value
+by default) — the same tolerance as fixed point itself — and shortens the comparison from
+62 to ``ell - cut`` bits. With ``beta = (1 - 2 r_ell) v`` and ``[r_ell v]`` from the
+dealer, ``b v = c_ell v + (1 - 2 c_ell) ([r_ell v] + d beta)``, linear in the shares of
+``d * beta``, which are obtained either
+
+* ``method="fss"`` (two parties): each party evaluates its key of a distributed
+  comparison function (Boyle et al., EUROCRYPT 2021) with payload ``beta`` at the public
+  point ``c[cut:ell]``. **Cost: 1 round**, 8 bytes per element per peer; dealer keys of
+  about ``16 + n(16 + 8k) + 8k`` bytes per element, n = ell - cut.
+* ``method="bitwise"`` (any number of parties): the dealer shares the bits of
+  ``alpha = r[cut:ell]``; ``d = sum_i (1 - c_i) (P_i - P_{i+1})`` where ``P_i`` is the
+  product of the "bits equal" indicators above position i (MSB first), computed by a
+  Hillis–Steele prefix product with Beaver triples (Damgård et al., TCC 2006 give the
+  classic comparison circuits); then one Beaver product ``d * beta``.
+  **Cost: 2 + ceil(log2 n) rounds** (7 for n = 27).
+
+Range: exact for ``-2^ell <= x < 2^ell - 2^cut``; ``ell = scale + int_bits`` where
+``int_bits`` (default 15) bounds the real magnitude to < 32768.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from secureinfer import ring
+from secureinfer.dealer.material import GATE_PAYLOADS, PartyBundle
+from secureinfer.errors import ProtocolError
+from secureinfer.protocols.arith import beaver_mul
+from secureinfer.protocols.session import Session
+
+__all__ = ["DEFAULT_INT_BITS", "PRECISION_BITS", "argmax_onehot", "gate", "gate_params", "max_pair"]
+
+DEFAULT_INT_BITS = 15
+PRECISION_BITS = 12
+
+
+def gate_params(scale: int, *, int_bits: int = DEFAULT_INT_BITS) -> tuple[int, int]:
+    """``(ell, cut)`` of the gate for an input with ``scale`` fractional bits."""
+    ell = scale + int_bits
+    if ell > 62:
+        raise ValueError(f"comparison range 2^{ell} exceeds the ring's 2^62")
+    return ell, max(0, scale - PRECISION_BITS)
+
+
+def default_method(n_parties: int) -> str:
+    return "fss" if n_parties == 2 else "bitwise"
+
+
+def gate(
+    session: Session,
+    x: torch.Tensor,
+    *,
+    bundle: PartyBundle,
+    name: str,
+    payload: str,
+    scale: int,
+    frac: int = 0,
+    method: str | None = None,
+    int_bits: int = DEFAULT_INT_BITS,
+) -> torch.Tensor:
+    """Shares of ``[x >= 0] * v`` combined per ``payload`` (see the module docstring).
+
+    ``scale`` is the number of fractional bits of ``x``; ``frac`` the truncation of the
+    ``relu_trunc`` payload.
+    """
+    method = method or default_method(session.n_parties)
+    ell, cut = gate_params(scale, int_bits=int_bits)
+    n_bits = ell - cut
+    pid = session.party_id
+    kinds = GATE_PAYLOADS[payload]
+    k = len(kinds)
+    r = bundle.share(f"{name}/r", x.shape)
+    xp = x + (1 << ell) if pid == 0 else x
+    c = session.open_one(xp + r)
+
+    cbits = ring.logical_rshift(c, cut) & ((1 << n_bits) - 1)
+    if method == "fss":
+        y = _dcf_eval(session, bundle, name, cbits, k)
+    elif method == "bitwise":
+        y = _bitwise_dbeta(session, bundle, name, cbits, n_bits=n_bits, k=k)
+    else:
+        raise ValueError(f"unknown comparison method {method!r}")
+
+    # shares of the payload vector v and of r_ell * v
+    vs = []
+    for j, kind in enumerate(kinds):
+        if kind == "one":
+            vs.append(torch.ones_like(x) if pid == 0 else torch.zeros_like(x))
+        elif kind == "r":
+            vs.append(r)
+        else:
+            vs.append(bundle.share(f"{name}/v{j}", x.shape))
+    v = torch.stack(vs, dim=-1)
+    rl_v = bundle.share(f"{name}/rl_v", (*x.shape, k))
+    c_ell = ring.bit(c, ell).unsqueeze(-1)
+    bv = c_ell * v + (1 - 2 * c_ell) * (rl_v + y)  # shares of b * v_j
+
+    if payload == "sign":
+        return bv[..., 0]
+    if payload == "relu":
+        coef = c - (1 << ell)
+        return coef * bv[..., 0] - bv[..., 1]
+    if payload == "relu_trunc":
+        coef = ring.logical_rshift(c, frac) - (1 << (ell - frac))
+        wrap = (1 - ring.bit(c, 63)) * (1 << (64 - frac))
+        return coef * bv[..., 0] - bv[..., 1] + wrap * bv[..., 2]
+    raise ValueError(f"unknown payload {payload!r}")
+
+
+def _dcf_eval(session: Session, bundle: PartyBundle, name: str, cbits: torch.Tensor, k: int) -> torch.Tensor:
+    from secureinfer.fss import DcfKey, dcf_eval
+
+    if session.n_parties != 2:
+        raise ProtocolError("the FSS comparison runs between exactly two parties")
+    key = DcfKey.from_bytes(bundle.blob(f"{name}/dcf"))
+    n = cbits.numel()
+    if key.seed.shape[0] != n or key.k != k:
+        raise ProtocolError(f"dealer key for {name!r} covers {key.seed.shape[0]}x{key.k}, need {n}x{k}")
+    out = dcf_eval(key, ring.to_numpy_u64(cbits.reshape(-1).contiguous()))
+    return ring.from_numpy_u64(out).reshape(*cbits.shape, k).to(cbits.device)
+
+
+def _bitwise_dbeta(
+    session: Session, bundle: PartyBundle, name: str, cbits: torch.Tensor, *, n_bits: int, k: int
+) -> torch.Tensor:
+    """Shares of ``[cbits < alpha] * beta`` with a prefix-product circuit (any n)."""
+    pid = session.party_id
+    shape = tuple(cbits.shape)
+    shifts = torch.arange(n_bits - 1, -1, -1, dtype=torch.int64, device=cbits.device)
+    xb = (cbits.unsqueeze(-1) >> shifts) & 1  # public bits, MSB first
+    ab = bundle.share(f"{name}/alpha_bits", (*shape, n_bits))
+    one = 1 if pid == 0 else 0
+    # e_j = [x_j == alpha_j] = x_j ? alpha_j : 1 - alpha_j
+    e = torch.where(xb == 1, ab, one - ab)
+    # inclusive prefix products Q_i = prod_{j<=i} e_j (Hillis–Steele, ceil(log2 n) rounds)
+    q = e
+    s, level = 1, 0
+    while s < n_bits:
+        prod = beaver_mul(session, q[..., s:], q[..., :-s], bundle, f"{name}/pre{level}")
+        q = torch.cat([q[..., :s], prod], dim=-1)
+        s *= 2
+        level += 1
+    # P_i = Q_{i-1} (P_1 = 1); first differing bit indicator P_i - P_{i+1} = P_i - Q_i
+    ones = torch.full((*shape, 1), one, dtype=torch.int64, device=cbits.device)
+    p = torch.cat([ones, q[..., :-1]], dim=-1)
+    d = ((1 - xb) * (p - q)).sum(dim=-1, keepdim=True)
+    beta = bundle.share(f"{name}/beta", (*shape, k))
+    return beaver_mul(session, d, beta, bundle, f"{name}/dbeta")
+
+
+def max_pair(
+    session: Session, a: torch.Tensor, b: torch.Tensor, *, bundle: PartyBundle, name: str, scale: int,
+    method: str | None = None,
+) -> torch.Tensor:
+    """``[max(a, b)] = [b] + ReLU([a - b])``. Cost: one gate (1 round with FSS)."""
+    return b + gate(session, a - b, bundle=bundle, name=name, payload="relu", scale=scale, method=method)
+
+
+def argmax_onehot(
+    session: Session, x: torch.Tensor, *, bundle: PartyBundle, name: str, scale: int, method: str | None = None
+) -> torch.Tensor:
+    """One-hot shares of the argmax over the last axis (ties go to the lower index).
+
+    Round 1: the signs ``b_ij = [x_i >= x_j]`` of all ``K(K-1)/2`` pairwise differences
+    (one gate); ``b_ji = 1 - b_ij``. Then ``count_i = sum_j b_ij`` equals ``K - 1``
+    exactly for the maximum, so round 2 is one gate on ``count_i - (K - 1)`` at scale 0.
+    Cost: 2 gates (2 rounds with FSS); ``K(K-1)/2 + K`` comparisons per row.
+    """
+    kdim = x.shape[-1]
+    iu, ju = torch.triu_indices(kdim, kdim, offset=1)
+    diffs = x[..., iu] - x[..., ju]
+    b = gate(session, diffs, bundle=bundle, name=f"{name}/pairs", payload="sign", scale=scale, method=method)
+    pid = session.party_id
+    one = 1 if pid == 0 else 0
+    counts = torch.zeros_like(x)
+    counts.index_add_(x.dim() - 1, iu, b)
+    counts.index_add_(x.dim() - 1, ju, one - b)
+    shifted = counts - ((kdim - 1) if pid == 0 else 0)
+    return gate(session, shifted, bundle=bundle, name=f"{name}/top", payload="sign", scale=0, method=method)
+
+
+def argmax_material_shapes(batch_shape: tuple[int, ...], kdim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of the two gates of :func:`argmax_onehot` (for the dealer)."""
+    return (*batch_shape, kdim * (kdim - 1) // 2), (*batch_shape, kdim)
