@@ -19,25 +19,26 @@ each element has its own ``alpha``, ``beta`` and key, and every tree level is on
 call over all instances.
 
 PRG. ``G`` is fixed-key AES-128 (the key is a public constant) in Matyas–Meyer–Oseas
-form with a distinct tweak per output block, ``H_j(s) = AES_K(s ^ j) ^ s ^ j``, which is
-a PRG on a uniform secret seed when AES_K is modelled as a random permutation; see Guo,
+form with a distinct tweak per output block, ``H_T(s) = AES_K(s ^ T) ^ s ^ T``, which is a
+PRG on a uniform secret seed when AES_K is modelled as a random permutation; see Guo,
 Katz, Wang, Yu, "Efficient and Secure Multiparty Computation from Fixed-Key Block
 Ciphers", IEEE S&P 2020, and Boyle, Gilboa, Ishai, "Function Secret Sharing:
-Improvements and Extensions", CCS 2016 (fixed-key AES for FSS PRGs). Seeds are 128-bit
-blocks held as two little-endian uint64 words ``(w0, w1)``. Tweaks live in ``w1``:
-``(d << 32) | j`` for domain ``d`` (0 = left child, 1 = right child, 2 = Convert) and
-block ``j``. A side of ``G(s)`` is ``1 + ceil(k/2)`` blocks: the child seed, whose least
-significant bit is the control bit ``t`` and is then cleared (so seeds carry 127 random
-bits), followed by the ``k`` payload words ``v``. ``Convert(s)`` is the first ``k``
-little-endian uint64 words of ``ceil(k/2)`` blocks in domain 2. Eval expands only the
-side chosen by the public bit ``x_i`` (the tweak is picked per element), so it does half
-the AES work of Gen. Root seeds come from the caller's :class:`~secureinfer.prg.Prg`.
+Improvements and Extensions", CCS 2016 (fixed-key AES for FSS PRGs). The feed-forward
+matters: without it ``AES_K^{-1}`` would recover the seed. Seeds are 128-bit blocks held
+as two little-endian uint64 words ``(w0, w1)``; block ``j`` of domain ``d`` (0 = left
+child, 1 = right child, 2 = Convert) uses the tweak ``T = (j, j ^ d)``. A side of
+``G(s)`` is ``1 + ceil(k/2)`` blocks: the child seed, whose least significant bit is the
+control bit ``t`` and is then cleared (seeds carry 127 random bits), followed by the
+``k`` payload words ``v``. ``Convert(s)`` is the first ``k`` little-endian words of the
+``ceil(k/2)`` blocks of domain 2. Eval expands only the side named by the public bit
+``x_i`` (its domain is xored in per element), half the AES work of Gen. Root seeds come
+from the caller's :class:`~secureinfer.prg.Prg`.
 
 Cost per instance, ``n = n_bits``, ``k`` payload words:
 
 * key size: ``16 + n*(16 + 8k + 2/8) + 8k`` bytes per party (the seed, ``n`` correction
   words ``(s_CW, V_CW, t_CW^L, t_CW^R)`` with the two t bits bit-packed, and ``CW_{n+1}``),
-  plus a 24-byte header per serialized key; for n = 28, k = 3: ~1,139 bytes. The
+  plus a 24-byte header per serialized key; for n = 28, k = 3: 1,167 bytes. The
   correction words are the same in both keys, only the 16-byte seed differs.
 * Gen: ``n`` two-sided PRG expansions per party (``2n(2 + 2*ceil(k/2)) + 2*ceil(k/2)``
   AES blocks in all) plus O(n*k) ring operations.
@@ -66,9 +67,7 @@ _AES_KEY = bytes.fromhex("2f5c646c9852ec80d9c4c1c7a7424adc")
 _U64 = np.uint64
 _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _NOT_LSB = np.uint64(0xFFFFFFFFFFFFFFFE)
-_DOMAIN_SHIFT = np.uint64(32)
-_RIGHT_TWEAK = np.uint64(1 << 32)
-_CONVERT_TWEAK = np.uint64(2 << 32)
+_LEFT, _RIGHT, _CONVERT = np.uint64(0), np.uint64(1), np.uint64(2)  # tweak domains
 
 _MAGIC = b"SIDC"
 _VERSION = 1
@@ -98,10 +97,9 @@ class _Mmo:
         self.out = self._raw[: 16 * blocks].view(_U64).reshape(*shape, 2)
 
     def load(self, seeds: np.ndarray, domain: np.ndarray | np.uint64) -> None:
-        """inp[..., j, :, :] = seeds ^ tweak(domain, j), tweak(d, j) = (j, j | d << 32).
+        """inp[..., j, :, :] = seeds ^ (j, j ^ domain) for every block j.
 
-        ``seeds`` (..., N, 2); ``domain`` is (already shifted) ``d << 32``, a scalar or a
-        per-instance (..., N) array.
+        ``seeds`` (..., N, 2); ``domain`` a scalar or a per-instance (..., N) array.
         """
         first = self.inp[..., 0, :, :]
         np.copyto(first, seeds)
@@ -110,7 +108,7 @@ class _Mmo:
             np.bitwise_xor(first, _U64(j), out=self.inp[..., j, :, :])
 
     def run(self) -> np.ndarray:
-        if self.inp.size:
+        if self._raw.size > 16:
             self._enc.update_into(self._inp8, self._raw)
         np.bitwise_xor(self.out, self.inp, out=self.out)
         return self.out
@@ -125,7 +123,7 @@ def _words(blocks: np.ndarray, k: int) -> np.ndarray:
 def _convert(seeds: np.ndarray, k: int) -> np.ndarray:
     """Convert_G(s) for seeds (..., N, 2): k words of the domain-2 PRG output, (..., k, N)."""
     mmo = _Mmo((*seeds.shape[:-2], (k + 1) // 2, seeds.shape[-2]))
-    mmo.load(seeds, _CONVERT_TWEAK)
+    mmo.load(seeds, _CONVERT)
     return _words(mmo.run(), k).copy()
 
 
@@ -289,7 +287,7 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tu
     mmo = _Mmo((2, 2, _side_blocks(k), N))  # (party, side, block, N) blocks
 
     for i in range(n):
-        mmo.load(s[:, None], np.array([0, _RIGHT_TWEAK], dtype=_U64)[None, :, None])
+        mmo.load(s[:, None], np.array([_LEFT, _RIGHT], dtype=_U64)[None, :, None])
         out = mmo.run()  # lines 6-7: G(s_b^(i-1)) for both sides
         tb = out[:, :, 0, :, 0] & _U64(1)  # (party, side, N): t_b^L, t_b^R
         out[:, :, 0, :, 0] ^= tb
@@ -337,45 +335,58 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     n, N, k = key.n_bits, key.num, key.k
     if x.shape != (N,):
         raise ShapeError(f"x must have shape ({N},) to match the key, got {x.shape}")
-
-    xbits = _bits_msb_first(x, n)  # (n, N) 0/1, public
-    side_tw = xbits << _DOMAIN_SHIFT  # tweak of side x_i, xored into word 1
-    cw_t = key.cw_t.transpose(0, 2, 1)  # (n, 2, N)
-    t_cw = cw_t[:, 0] ^ ((cw_t[:, 0] ^ cw_t[:, 1]) & xbits.astype(np.uint8))
-    t_cw = np.negative(t_cw.astype(_U64))  # t_CW of side x_i as an all-ones / zero mask
+    B = _side_blocks(k)
+    # Instance-minor views (no copies for keys from dcf_gen / from_bytes).
     cw_seed = key.cw_seed.transpose(0, 2, 1)  # (n, 2, N)
     cw_v = key.cw_v.transpose(0, 2, 1)  # (n, k, N)
+    cw_t = key.cw_t.transpose(0, 2, 1)  # (n, 2, N) uint8
+    shifts = [_U64(n - 1 - i) for i in range(n)]  # x_i = bit n-i of x (MSB first)
 
-    mmo = _Mmo((_side_blocks(k), N))
-    seed_in = mmo.inp[0]  # s^(i-1) lives in the first input block
+    t_cw_l = cw_t[:, 0]  # (n, N) uint8
+    t_cw_d = cw_t[:, 0] ^ cw_t[:, 1]  # t_CW^L ^ t_CW^R, so t_CW^side = t_CW^L ^ x_i t_CW_d
+
+    mmo = _Mmo((B, N))
+    inp, out = mmo.inp, mmo.out
+    seed_in = inp[0]  # s^(i-1) lives in the first input block
     np.copyto(seed_in, key.seed)
-    out_t = mmo.out[0, :, 0]
-    out_v = mmo.out[1:].swapaxes(1, 2)  # (c, 2, N) view of the payload words of v^side
-    t = np.full(N, _ONES if key.party else 0, dtype=_U64)  # t^(i-1) as a mask
-    t_new = np.empty(N, dtype=_U64)
-    tmp = np.empty(N, dtype=_U64)
+    s_w0, s_w1, o_w0, o_w1 = inp[0, :, 0], inp[0, :, 1], out[0, :, 0], out[0, :, 1]
+    payload = [(inp[j], _U64(j)) for j in range(1, B)]  # tweak (j, j) of block j
+    out_v = out[1:].swapaxes(1, 2)  # (B-1, 2, N) view of the payload words of v^side
+    t8 = np.full(N, key.party, dtype=np.uint8)  # t^(i-1), 0/1, for the bit logic
+    t = np.full(N, key.party, dtype=_U64)  # the same, as a ring multiplier
+    x_i, tmp = np.empty(N, dtype=_U64), np.empty(N, dtype=_U64)
+    x8, t_new8, tmp8 = (np.empty(N, dtype=np.uint8) for _ in range(3))
     tmp_v = np.empty((k, N), dtype=_U64)
-    c = _side_blocks(k) - 1
-    acc_w = np.zeros((c, 2, N), dtype=_U64)  # V without the (-1)^b factor, padded to 2c words
-    acc = acc_w.reshape(2 * c, N)[:k]
+    acc_w = np.zeros((B - 1, 2, N), dtype=_U64)  # V without the (-1)^b factor, padded
+    acc = acc_w.reshape(2 * (B - 1), N)[:k]
+    band, bxor, mul, one = np.bitwise_and, np.bitwise_xor, np.multiply, _U64(1)
 
-    for i in range(n):
-        mmo.load(seed_in, side_tw[i])
-        mmo.run()  # G(s^(i-1)), only the side x_i
-        np.bitwise_and(out_t, _U64(1), out=t_new)
-        out_t ^= t_new  # take t^side out of the seed
-        np.negative(t_new, out=t_new)
-        for w in (0, 1):  # s^(i) = s^side ^ t^(i-1) s_CW
-            np.bitwise_and(cw_seed[i, w], t, out=tmp)
-            np.bitwise_xor(mmo.out[0, :, w], tmp, out=seed_in[:, w])
-        np.bitwise_and(cw_v[i], t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
+    # Per level: ~22 numpy calls over N-long rows and one AES call over B*N blocks.
+    for cws, cwv, tl, td, sh in zip(cw_seed, cw_v, t_cw_l, t_cw_d, shifts):
+        np.right_shift(x, sh, out=x_i)
+        x_i &= one  # the public bit x_i picks the side ...
+        s_w1 ^= x_i  # ... and with it the tweak domain (0 = L, 1 = R)
+        for blk, j in payload:
+            bxor(seed_in, j, out=blk)
+        mmo.run()  # G(s^(i-1)), side x_i only
+        band(o_w0, one, out=t_new8, casting="unsafe")  # t^side
+        o_w0 &= _NOT_LSB  # ... taken out of the seed
+        mul(cws[0], t, out=tmp)  # s^(i) = s^side ^ t^(i-1) s_CW
+        bxor(o_w0, tmp, out=s_w0)
+        mul(cws[1], t, out=tmp)
+        bxor(o_w1, tmp, out=s_w1)
+        mul(cwv, t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
         acc += tmp_v
         acc_w += out_v
-        t &= t_cw[i]  # t^(i) = t^side ^ t^(i-1) t_CW^side
-        t ^= t_new
+        np.copyto(x8, x_i, casting="unsafe")  # t^(i) = t^side ^ t^(i-1) t_CW^side
+        band(x8, td, out=tmp8)
+        tmp8 ^= tl
+        t8 &= tmp8
+        t8 ^= t_new8
+        np.copyto(t, t8)
 
     acc += _convert(seed_in, k)  # V += Convert(s^(n)) + t^(n) CW_{n+1}
-    np.bitwise_and(key.cw_last.T, t, out=tmp_v)
+    mul(key.cw_last.T, t, out=tmp_v)
     acc += tmp_v
     if key.party:
         np.negative(acc, out=acc)  # the (-1)^b factor of every term
