@@ -214,17 +214,23 @@ class DcfKey:
         (k, N), then the t_CW bits as (n, 2, N) packed little-bit-first, zero padded."""
         header = _HEADER.pack(_MAGIC, _VERSION, self.party, self.n_bits, self.k, self.num)
         arrays = (self.seed, self.cw_seed.transpose(0, 2, 1), self.cw_v.transpose(0, 2, 1), self.cw_last.T)
-        parts = [np.ascontiguousarray(a, dtype="<u8").tobytes() for a in arrays]
-        tbits = np.packbits(self.cw_t.transpose(0, 2, 1) & 1, axis=None, bitorder="little").tobytes()
-        return b"".join([header, *parts, tbits])
+        parts = [memoryview(np.ascontiguousarray(a, dtype="<u8")).cast("B") for a in arrays]
+        tbits = np.packbits(self.cw_t.transpose(0, 2, 1) & 1, axis=None, bitorder="little")
+        return b"".join([header, *parts, memoryview(tbits)])  # one copy of each array
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview) -> "DcfKey":
-        """Parse :meth:`to_bytes` output; raises ProtocolError on anything malformed."""
+        """Parse :meth:`to_bytes` output; raises ProtocolError on anything malformed.
+
+        The uint64 arrays are read-only views of ``data`` (no copy; a mutable buffer is
+        copied once first); only the t_CW bits are unpacked.
+        """
         try:
             buf = memoryview(data).cast("B")
         except TypeError as e:
             raise ProtocolError(f"DCF key must be bytes, got {type(data).__name__}") from e
+        if not isinstance(data, bytes):  # the key's arrays view the buffer: make it immutable
+            buf = memoryview(buf.tobytes())
         if len(buf) < _HEADER.size:
             raise ProtocolError(f"DCF key too short: {len(buf)} bytes < {_HEADER.size}-byte header")
         magic, version, party, n, k, N = _HEADER.unpack_from(buf, 0)
@@ -242,7 +248,8 @@ class DcfKey:
             raise ProtocolError(f"DCF key length {len(buf)} does not match its header (expected {expected})")
         arrays, off = [], _HEADER.size
         for size, shape in zip(sizes, shapes):
-            arrays.append(np.frombuffer(buf, dtype="<u8", count=size // 8, offset=off).astype(_U64).reshape(shape))
+            arr = np.frombuffer(buf, dtype="<u8", count=size // 8, offset=off)  # zero-copy, read-only
+            arrays.append(arr.astype(_U64, copy=False).reshape(shape))
             off += size
         packed = np.frombuffer(buf, dtype=np.uint8, offset=off)
         if nt % 8 and packed[-1] >> (nt % 8):
