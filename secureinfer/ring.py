@@ -333,7 +333,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor | PreparedOperand) -> torch.Tensor:
     j, kc, n = bdata.shape[1], bdata.shape[-2], bdata.shape[-1]
     ba, bb = tuple(am.shape[:-2]), tuple(bdata.shape[2:-2])
     if not bb:  # fold a's batch dims into its rows: one (5J)-batched GEMM
-        o = torch.matmul(_limbs5(am.reshape(-1, k), j, kc), bdata)
+        o = torch.matmul(_limbs5(am.reshape(math.prod(ba) * m, k), j, kc), bdata)
         out_shape = (*ba, m, n)
     else:
         try:
