@@ -1,0 +1,197 @@
+"""Real `secureinfer dealer` / `secureinfer party` processes with mTLS on loopback,
+driven through the client SDK as a user would."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from secureinfer.certs import create_certificates
+from secureinfer.client.sdk import Client, deploy
+from secureinfer.config import load_topology, write_local_topology
+from secureinfer.demo import load_digits_split, train_digits_mlp
+from secureinfer.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    PeerUnavailableError,
+    PermissionDeniedError,
+    SecureInferError,
+    TransportError,
+)
+from secureinfer.localcluster import LocalCluster
+from secureinfer.transport import tls
+from secureinfer.v1 import common_pb2, party_pb2, party_pb2_grpc
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), request_timeout_s=20.0, rpc_timeout_s=5.0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def digits(cluster: LocalCluster):
+    x_tr, x_te, y_tr, y_te = load_digits_split()
+    model = train_digits_mlp(x_tr, y_tr, epochs=30)
+    deploy(model, torch.from_numpy(x_te[:1]), name="digits", config=cluster.config_path)
+    with torch.no_grad():
+        plain = model(torch.from_numpy(x_te)).double().numpy()
+    return model, x_te, plain
+
+
+def test_digits_mlp_matches_plaintext_on_whole_test_split(cluster: LocalCluster, digits) -> None:
+    _, x_te, plain = digits
+    secure = np.zeros_like(plain)
+    with Client(cluster.config_path) as c:
+        for i in range(0, len(x_te), 60):
+            secure[i : i + 60] = c.infer("digits", x_te[i : i + 60])
+        assert c.last_cost is not None and c.last_cost.rounds == 5
+    assert (secure.argmax(1) == plain.argmax(1)).all()
+    assert np.abs(secure - plain).max() <= 1e-2
+
+
+def test_secure_argmax_output(cluster: LocalCluster, digits) -> None:
+    _, x_te, plain = digits
+    with Client(cluster.config_path) as c:
+        out = c.infer("digits", x_te[:20], outputs=("logits", "argmax"))
+    assert isinstance(out, dict)
+    assert (out["argmax"].argmax(1) == plain[:20].argmax(1)).all()
+    assert (out["argmax"].sum(1) == 1).all()
+
+
+def test_wrong_shape_and_dtype_are_invalid_argument(cluster: LocalCluster, digits) -> None:
+    with Client(cluster.config_path) as c:
+        with pytest.raises(InvalidArgumentError, match=r"\(batch, 64\)"):
+            c.infer("digits", np.zeros((2, 65), dtype=np.float32))
+    # a raw request with a float tensor instead of an int64 share
+    topo = cluster.topology
+    ident = topo.identity("client")
+    with tls.open_channel(topo.party(0).address, settings=topo.cluster, cert=ident.cert, key=ident.key) as ch:
+        req = party_pb2.InferRequest(
+            model_name="digits", request_id=uuid.uuid4().hex,
+            input=common_pb2.Tensor(dtype=common_pb2.DTYPE_FLOAT32, shape=[1, 64], data=bytes(256),
+                                    encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=16),
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            party_pb2_grpc.InferenceStub(ch).Infer(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "INT64" in err.value.details()
+
+
+def test_unknown_model_and_redeploy_without_replace(cluster: LocalCluster, digits) -> None:
+    model, x_te, _ = digits
+    with Client(cluster.config_path) as c, pytest.raises(SecureInferError, match="not deployed"):
+        c.infer("no-such-model", x_te[:1])
+    with pytest.raises(AlreadyExistsError):
+        deploy(model, torch.from_numpy(x_te[:1]), name="digits", config=cluster.config_path)
+
+
+def test_roles_are_enforced(cluster: LocalCluster, digits) -> None:
+    model, x_te, _ = digits
+    # a client may not deploy, an owner may not infer
+    with pytest.raises(PermissionDeniedError):
+        deploy(model, torch.from_numpy(x_te[:1]), name="evil", config=cluster.config_path, identity="client")
+    with Client(cluster.config_path, identity="owner") as c, pytest.raises(PermissionDeniedError):
+        c.infer("digits", x_te[:1])
+
+
+def test_certificate_from_another_ca_is_refused(cluster: LocalCluster, digits, tmp_path) -> None:
+    _, x_te, _ = digits
+    other = write_local_topology(tmp_path / "other.toml", base_dir=tmp_path)
+    create_certificates(load_topology(other))
+    rogue = load_topology(other).identity("client")
+    topo = cluster.topology
+    # client side: trusts the real CA but presents a certificate of another CA
+    creds = tls.channel_credentials(rogue.cert, rogue.key, topo.cluster.ca_cert)
+    with grpc.secure_channel(topo.party(0).address, creds) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            party_pb2_grpc.InferenceStub(ch).ModelMetadata(common_pb2.ModelMetadataRequest(name="digits"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    # peer side: a "party" with a foreign certificate cannot inject protocol messages
+    rogue_party = load_topology(other).party(1)
+    creds = tls.channel_credentials(rogue_party.cert, rogue_party.key, topo.cluster.ca_cert)
+    with grpc.secure_channel(topo.party(0).address, creds) as ch:
+        msg = party_pb2.PeerMessage(session_id="x", step=1, sender=1, chunk_index=0, chunk_count=1, payload=b"1")
+        with pytest.raises(grpc.RpcError):
+            party_pb2_grpc.PeerExchangeStub(ch).Send(msg, timeout=5)
+    # and without any client certificate at all
+    creds = grpc.ssl_channel_credentials(root_certificates=topo.cluster.ca_cert.read_bytes())
+    with grpc.secure_channel(topo.party(0).address, creds) as ch:
+        with pytest.raises(grpc.RpcError):
+            party_pb2_grpc.InferenceStub(ch).ModelMetadata(common_pb2.ModelMetadataRequest(name="digits"), timeout=5)
+
+
+def test_concurrent_clients_get_their_own_results(cluster: LocalCluster, digits) -> None:
+    model, x_te, plain = digits
+
+    def one(k: int) -> tuple[int, np.ndarray]:
+        idx = np.arange(k * 7, k * 7 + 5)
+        with Client(cluster.config_path) as c:
+            return k, c.infer("digits", x_te[idx])
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    for k, y in results:
+        idx = np.arange(k * 7, k * 7 + 5)
+        assert np.abs(y - plain[idx]).max() <= 1e-2
+
+
+def test_party_killed_mid_request_then_restarted(cluster: LocalCluster, digits) -> None:
+    model, x_te, plain = digits
+    big = np.tile(x_te, (3, 1))[:1500]  # long enough to be interrupted
+    errors: list[BaseException] = []
+    elapsed: list[float] = []
+
+    def run() -> None:
+        t = time.monotonic()
+        try:
+            with Client(cluster.config_path, timeout=20.0) as c:
+                c.infer("digits", big)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        elapsed.append(time.monotonic() - t)
+
+    th = threading.Thread(target=run)
+    th.start()
+    time.sleep(0.3)
+    cluster.kill("party1")
+    th.join(60)
+    assert not th.is_alive(), "client hung after a party died"
+    assert errors, "request should fail when a party dies"
+    assert isinstance(errors[0], (TransportError, PeerUnavailableError, SecureInferError))
+    assert "party 1" in str(errors[0]) or "party1" in str(errors[0])
+    assert elapsed[0] < 20.0 + 5
+    cluster.start_party(1)
+    with Client(cluster.config_path) as c:
+        y = c.infer("digits", x_te[:10])
+    assert np.abs(y - plain[:10]).max() <= 1e-2
+
+
+def test_three_party_cluster(tmp_path) -> None:
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+    x = torch.rand(6, 20)
+    with LocalCluster(tmp_path, n_parties=3) as c:
+        deploy(model, x[:1], name="tiny", config=c.config_path)
+        with Client(c.config_path) as cl:
+            y = cl.infer("tiny", x.numpy())
+            assert cl.last_cost is not None and cl.last_cost.rounds > 5  # bitwise comparisons
+    with torch.no_grad():
+        ref = model(x).double().numpy()
+    assert np.abs(y - ref).max() <= 1e-2
+    assert (y.argmax(1) == ref.argmax(1)).all()
+
+
+def test_shape_error_message_names_expected_shape(cluster: LocalCluster, digits) -> None:
+    with Client(cluster.config_path) as c, pytest.raises(InvalidArgumentError, match="expects input of shape"):
+        c.infer("digits", np.zeros((1, 8, 8), dtype=np.float32))
