@@ -1,0 +1,1 @@
+"""Weight watermarking: keyed projection watermarks, signed certificates, verification."""
