@@ -214,7 +214,7 @@ class DcfKey:
         (k, N), then the t_CW bits as (n, 2, N) packed little-bit-first, zero padded."""
         header = _HEADER.pack(_MAGIC, _VERSION, self.party, self.n_bits, self.k, self.num)
         arrays = (self.seed, self.cw_seed.transpose(0, 2, 1), self.cw_v.transpose(0, 2, 1), self.cw_last.T)
-        parts = [memoryview(np.ascontiguousarray(a, dtype="<u8")).cast("B") for a in arrays]
+        parts = [memoryview(np.ascontiguousarray(a, dtype="<u8").reshape(-1).view(np.uint8)) for a in arrays]
         tbits = np.packbits(self.cw_t.transpose(0, 2, 1) & 1, axis=None, bitorder="little")
         return b"".join([header, *parts, memoryview(tbits)])  # one copy of each array
 
