@@ -141,3 +141,16 @@ def test_max_and_argmax(n: int) -> None:
         assert torch.equal(onehot.argmax(-1), real.argmax(-1)) and int(onehot.sum()) == 3
         if method == "fss":
             assert sess[0].costs.rounds == 3
+
+
+def test_truncation_ten_million_elements_no_large_error() -> None:
+    """DESIGN: truncation never produces a large error; checked on 10^7 elements."""
+    n_el = 10_000_000
+    x = Prg.from_os().ring(n_el) >> 2  # uniform over [-2^61, 2^61): the whole safe range scale
+    b = BundleBuilder(2)
+    trunc_material(b, "t", shape=x.shape, frac=F)
+    xs = _shares(x, 2)
+    res, _ = run_parties(2, lambda s, bd: truncate(s, xs[s.party_id], bundle=bd, name="t", frac=F), builder=b,
+                         timeout=120)
+    err = reconstruct(res) - (x >> F)
+    assert int(err.min()) >= 0 and int(err.max()) <= 1
