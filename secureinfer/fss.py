@@ -358,14 +358,14 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     np.copyto(seed_in, key.seed)
     s_w0, s_w1, o_w0, o_w1 = inp[0, :, 0], inp[0, :, 1], out[0, :, 0], out[0, :, 1]
     payload = [(inp[j], _U64(j)) for j in range(1, B)]  # tweak (j, j) of block j
-    out_v = out[1:].swapaxes(1, 2)  # (B-1, 2, N) view of the payload words of v^side
+    out_v = out[1:]  # the payload blocks of v^side
     t8 = np.full(N, key.party, dtype=np.uint8)  # t^(i-1), 0/1, for the bit logic
     t = np.full(N, key.party, dtype=_U64)  # the same, as a ring multiplier
     x_i, tmp = np.empty(N, dtype=_U64), np.empty(N, dtype=_U64)
     x8, t_new8, tmp8 = (np.empty(N, dtype=np.uint8) for _ in range(3))
     tmp_v = np.empty((k, N), dtype=_U64)
-    acc_w = np.zeros((B - 1, 2, N), dtype=_U64)  # V without the (-1)^b factor, padded
-    acc = acc_w.reshape(2 * (B - 1), N)[:k]
+    acc_v = np.zeros((B - 1, N, 2), dtype=_U64)  # sum of v^side, in block layout
+    acc = np.zeros((k, N), dtype=_U64)  # sum of the t V_CW terms; finally V without (-1)^b
     band, bxor, mul, one = np.bitwise_and, np.bitwise_xor, np.multiply, _U64(1)
 
     # Per level: ~22 numpy calls over N-long rows and one AES call over B*N blocks.
@@ -384,7 +384,7 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
         bxor(o_w1, tmp, out=s_w1)
         mul(cwv, t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
         acc += tmp_v
-        acc_w += out_v
+        acc_v += out_v
         np.copyto(x8, x_i, casting="unsafe")  # t^(i) = t^side ^ t^(i-1) t_CW^side
         band(x8, td, out=tmp8)
         tmp8 ^= tl
@@ -392,6 +392,7 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
         t8 ^= t_new8
         np.copyto(t, t8)
 
+    acc += _words(acc_v, k)
     acc += _convert(seed_in, k)  # V += Convert(s^(n)) + t^(n) CW_{n+1}
     mul(key.cw_last.T, t, out=tmp_v)
     acc += tmp_v
