@@ -1,0 +1,132 @@
+"""Dealer core (session binding, one-time material, re-registration) and the party store."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from secureinfer.dealer.core import DealerCore
+from secureinfer.dealer.wire import bundle_from_bytes, bundle_to_bytes
+from secureinfer.errors import (
+    AlreadyExistsError,
+    IntegrityError,
+    InvalidArgumentError,
+    NotFoundError,
+    ProtocolError,
+    SecureInferError,
+)
+from secureinfer.graph.torch_import import from_torch
+from secureinfer.party.store import ModelRecord, ModelStore
+
+
+def _graph_json() -> bytes:
+    torch.manual_seed(0)
+    return from_torch(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)), (1, 6)).public_json()
+
+
+def test_material_is_served_once_per_party_and_session() -> None:
+    core = DealerCore(master_key=os.urandom(32), pool_size=0)
+    g = _graph_json()
+    _, s0 = core.register("dep1", g, party_id=0, n_parties=2)
+    _, s1 = core.register("dep1", g, party_id=1, n_parties=2)
+    assert s0 != s1
+    b0 = core.fetch("dep1", "sess", party_id=0, batch=3, purpose="logits")
+    b1 = core.fetch("dep1", "sess", party_id=1, batch=3, purpose="logits")
+    assert b0.seed != b1.seed and b0.tensors and not b1.tensors  # corrections only for party 0
+    assert b0.blobs.keys() == b1.blobs.keys()  # both hold their own DCF keys
+    core.fetch("dep1", "sess2", party_id=0, batch=3, purpose="logits")
+    with pytest.raises(ProtocolError, match="already served"):
+        core.fetch("dep1", "sess2", party_id=0, batch=3, purpose="logits")
+    with pytest.raises(NotFoundError):
+        core.fetch("nope", "s", party_id=0, batch=1, purpose="logits")
+    with pytest.raises(InvalidArgumentError):
+        core.fetch("dep1", "s", party_id=0, batch=0, purpose="logits")
+
+
+def test_model_seeds_survive_dealer_restart_and_graph_must_match() -> None:
+    key = os.urandom(32)
+    g = _graph_json()
+    _, s = DealerCore(master_key=key, pool_size=0).register("d", g, party_id=1, n_parties=2)
+    _, s2 = DealerCore(master_key=key, pool_size=0).register("d", g, party_id=1, n_parties=2)
+    assert s == s2
+    core = DealerCore(master_key=key, pool_size=0)
+    core.register("d", g, party_id=0, n_parties=2)
+    other = from_torch(nn.Sequential(nn.Linear(6, 2)), (1, 6)).public_json()
+    with pytest.raises(InvalidArgumentError):
+        core.register("d", other, party_id=1, n_parties=2)
+
+
+def test_pool_thread_generates_ahead() -> None:
+    core = DealerCore(master_key=os.urandom(32), pool_size=2)
+    core.register("d", _graph_json(), party_id=0, n_parties=2)
+    core.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while core.counters["bundles_generated"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        core.fetch("d", "s", party_id=0, batch=1, purpose="logits")
+        assert core.counters["pool_hits"] == 1
+    finally:
+        core.stop()
+
+
+def test_bundle_wire_roundtrip_and_malformed() -> None:
+    core = DealerCore(master_key=os.urandom(32), pool_size=0)
+    core.register("d", _graph_json(), party_id=0, n_parties=2)
+    b = core.fetch("d", "s", party_id=0, batch=2, purpose="argmax")
+    back = bundle_from_bytes(bundle_to_bytes(b), party_id=0)
+    assert back.seed == b.seed and back.blobs == b.blobs
+    assert all(torch.equal(back.tensors[k], v) for k, v in b.tensors.items())
+    with pytest.raises(ProtocolError):
+        bundle_from_bytes(b"\x08garbage", party_id=0)
+
+
+def _record(version: str = "1") -> ModelRecord:
+    return ModelRecord("m", version, "dep", ModelStore.now(), b"{}", os.urandom(32),
+                       {"w": torch.arange(6).reshape(2, 3)}, {"fc": torch.ones(3, 2, dtype=torch.int64)})
+
+
+def test_store_encrypts_detects_tampering_and_refuses_silent_replace(tmp_path) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    st = ModelStore(tmp_path / "data", key)
+    st.save(_record(), replace=False)
+    path = tmp_path / "data" / "models" / "m" / "1.sim"
+    assert b"dep" in path.read_bytes() and torch.arange(6).numpy().tobytes() not in path.read_bytes()
+    back = st.load("m", "1")
+    assert torch.equal(back.shares["w"], torch.arange(6).reshape(2, 3))
+    with pytest.raises(AlreadyExistsError):
+        st.save(_record(), replace=False)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 1
+    path.write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError):
+        st.load("m", "1")
+    wrong = tmp_path / "k2"
+    wrong.write_bytes(os.urandom(32))
+    with pytest.raises(NotFoundError):
+        ModelStore(tmp_path / "data", wrong).load("m", "2")
+    with pytest.raises(InvalidArgumentError):
+        st.load("../etc", "1")
+
+
+def test_store_full_disk_keeps_previous_version(tmp_path, monkeypatch) -> None:
+    key = tmp_path / "k"
+    key.write_bytes(os.urandom(32))
+    st = ModelStore(tmp_path / "data", key)
+    st.save(_record(), replace=False)
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SecureInferError, match="No space left"):
+        st.save(_record(), replace=True)
+    monkeypatch.undo()
+    assert st.load("m", "1").deployment_id == "dep"
+    assert not list((tmp_path / "data" / "models" / "m").glob("*.tmp*"))
