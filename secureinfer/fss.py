@@ -69,6 +69,8 @@ _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _NOT_LSB = np.uint64(0xFFFFFFFFFFFFFFFE)
 _LEFT, _RIGHT, _CONVERT = np.uint64(0), np.uint64(1), np.uint64(2)  # tweak domains
 
+_BULK_ELEMENTS = 1 << 16  # eval precomputes all n levels' public bits below n*N of this
+
 _MAGIC = b"SIDC"
 _VERSION = 1
 _HEADER = struct.Struct("<4sHBBIQ4x")  # magic, version, party, n_bits, k, N, reserved
@@ -347,10 +349,10 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     cw_seed = key.cw_seed.transpose(0, 2, 1)  # (n, 2, N)
     cw_v = key.cw_v.transpose(0, 2, 1)  # (n, k, N)
     cw_t = key.cw_t.transpose(0, 2, 1)  # (n, 2, N) uint8
-    shifts = [_U64(n - 1 - i) for i in range(n)]  # x_i = bit n-i of x (MSB first)
-
     t_cw_l = cw_t[:, 0]  # (n, N) uint8
-    t_cw_d = cw_t[:, 0] ^ cw_t[:, 1]  # t_CW^L ^ t_CW^R, so t_CW^side = t_CW^L ^ x_i t_CW_d
+    t_cw_d = cw_t[:, 0] ^ cw_t[:, 1]  # t_CW^L ^ t_CW^R: t_CW^side = t_CW^L ^ x_i t_CW_d
+    shifts = np.arange(n - 1, -1, -1, dtype=_U64)  # x_i = bit n-i of x (MSB first)
+    band, bxor, mul, one = np.bitwise_and, np.bitwise_xor, np.multiply, _U64(1)
 
     mmo = _Mmo((B, N))
     inp, out = mmo.inp, mmo.out
@@ -358,39 +360,50 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     np.copyto(seed_in, key.seed)
     s_w0, s_w1, o_w0, o_w1 = inp[0, :, 0], inp[0, :, 1], out[0, :, 0], out[0, :, 1]
     payload = [(inp[j], _U64(j)) for j in range(1, B)]  # tweak (j, j) of block j
-    out_v = out[1:]  # the payload blocks of v^side
-    t8 = np.full(N, key.party, dtype=np.uint8)  # t^(i-1), 0/1, for the bit logic
-    t = np.full(N, key.party, dtype=_U64)  # the same, as a ring multiplier
-    x_i, tmp = np.empty(N, dtype=_U64), np.empty(N, dtype=_U64)
-    x8, t_new8, tmp8 = (np.empty(N, dtype=np.uint8) for _ in range(3))
+    t = np.full(N, key.party, dtype=_U64)  # t^(i-1), 0/1, as a ring multiplier
+    tmp = np.empty(N, dtype=_U64)
     tmp_v = np.empty((k, N), dtype=_U64)
     acc_v = np.zeros((B - 1, N, 2), dtype=_U64)  # sum of v^side, in block layout
     acc = np.zeros((k, N), dtype=_U64)  # sum of the t V_CW terms; finally V without (-1)^b
-    band, bxor, mul, one = np.bitwise_and, np.bitwise_xor, np.multiply, _U64(1)
 
-    # Per level: ~22 numpy calls over N-long rows and one AES call over B*N blocks.
-    for cws, cwv, tl, td, sh in zip(cw_seed, cw_v, t_cw_l, t_cw_d, shifts):
-        np.right_shift(x, sh, out=x_i)
-        x_i &= one  # the public bit x_i picks the side ...
-        s_w1 ^= x_i  # ... and with it the tweak domain (0 = L, 1 = R)
+    bulk = n * N <= _BULK_ELEMENTS
+    if bulk:  # small batch: all public bits and t_CW^side at once, fewer calls per level
+        x_all = (x[None, :] >> shifts[:, None]) & one  # (n, N)
+        t_cw_all = (t_cw_l ^ (t_cw_d & x_all.astype(np.uint8))).astype(_U64)
+        t_bits = t  # the control-bit logic runs on t itself
+    else:  # large batch: per-level rows stay in cache; bit logic on bytes
+        x_i, x8, t_cw_i = np.empty(N, dtype=_U64), np.empty(N, dtype=np.uint8), np.empty(N, dtype=np.uint8)
+        t_bits = t.astype(np.uint8)
+    t_new = np.empty(N, dtype=t_bits.dtype)
+
+    # Per level: 16-22 numpy calls over N-long rows and one AES call over B*N blocks.
+    for i in range(n):
+        if bulk:
+            x_i, t_cw_i = x_all[i], t_cw_all[i]
+        else:
+            np.right_shift(x, shifts[i], out=x_i)
+            x_i &= one
+            np.copyto(x8, x_i, casting="unsafe")
+            band(x8, t_cw_d[i], out=t_cw_i)
+            t_cw_i ^= t_cw_l[i]  # t_CW of side x_i
+        s_w1 ^= x_i  # the public bit x_i picks the side, i.e. the tweak domain (0 L, 1 R)
         for blk, j in payload:
             bxor(seed_in, j, out=blk)
         mmo.run()  # G(s^(i-1)), side x_i only
-        band(o_w0, one, out=t_new8, casting="unsafe")  # t^side
+        band(o_w0, one, out=t_new, casting="unsafe")  # t^side ...
         o_w0 &= _NOT_LSB  # ... taken out of the seed
+        cws = cw_seed[i]
         mul(cws[0], t, out=tmp)  # s^(i) = s^side ^ t^(i-1) s_CW
         bxor(o_w0, tmp, out=s_w0)
         mul(cws[1], t, out=tmp)
         bxor(o_w1, tmp, out=s_w1)
-        mul(cwv, t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
+        mul(cw_v[i], t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
         acc += tmp_v
-        acc_v += out_v
-        np.copyto(x8, x_i, casting="unsafe")  # t^(i) = t^side ^ t^(i-1) t_CW^side
-        band(x8, td, out=tmp8)
-        tmp8 ^= tl
-        t8 &= tmp8
-        t8 ^= t_new8
-        np.copyto(t, t8)
+        acc_v += out[1:]
+        t_bits &= t_cw_i  # t^(i) = t^side ^ t^(i-1) t_CW^side
+        t_bits ^= t_new
+        if not bulk:
+            np.copyto(t, t_bits)
 
     acc += _words(acc_v, k)
     acc += _convert(seed_in, k)  # V += Convert(s^(n)) + t^(n) CW_{n+1}

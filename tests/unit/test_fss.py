@@ -13,6 +13,7 @@ import struct
 import numpy as np
 import pytest
 
+from secureinfer import fss
 from secureinfer.errors import InvalidArgumentError, ProtocolError, ShapeError
 from secureinfer.fss import DcfKey, dcf_eval, dcf_gen
 from secureinfer.prg import Prg
@@ -57,9 +58,16 @@ def _cases(n_bits: int, prg: Prg, n_random: int = 300) -> tuple[np.ndarray, np.n
     return alpha, x
 
 
+@pytest.fixture(params=["bulk", "streaming"])
+def eval_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with both of dcf_eval's code paths (small-batch bulk / per-level rows)."""
+    monkeypatch.setattr(fss, "_BULK_ELEMENTS", 1 << 62 if request.param == "bulk" else 0)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("n_bits", [1, 2, 8, 28, 64])
-@pytest.mark.parametrize("k", [1, 3])
-def test_shares_sum_to_beta_times_comparison(n_bits: int, k: int) -> None:
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_shares_sum_to_beta_times_comparison(n_bits: int, k: int, eval_mode: str) -> None:
     prg = _prg(f"correct/{n_bits}/{k}")
     alpha, x = _cases(n_bits, prg)
     beta = prg.uint64((alpha.size, k))
@@ -72,7 +80,7 @@ def test_shares_sum_to_beta_times_comparison(n_bits: int, k: int) -> None:
 
 
 @pytest.mark.parametrize("n_bits", [1, 5, 64])
-def test_exhaustive_small_and_extreme_points(n_bits: int) -> None:
+def test_exhaustive_small_and_extreme_points(n_bits: int, eval_mode: str) -> None:
     """Every x for n = 1 and 5; for n = 64 the points around 0, alpha and 2^64 - 1."""
     prg = _prg(f"exhaustive/{n_bits}")
     if n_bits <= 8:
@@ -99,7 +107,7 @@ def test_explicit_edge_values() -> None:
     assert np.array_equal(_both(keys, x)[:, 0], np.where(want_lt, U64(12345), U64(0)))
 
 
-def test_high_bits_of_x_do_not_change_either_share() -> None:
+def test_high_bits_of_x_do_not_change_either_share(eval_mode: str) -> None:
     prg = _prg("highbits")
     n = 20
     alpha, beta = prg.uint64(200), prg.uint64((200, 3))
