@@ -65,7 +65,6 @@ __all__ = ["DcfKey", "dcf_eval", "dcf_gen"]
 # SHA-256(b"secureinfer/fss: fixed AES-128 key for the DCF PRG, v1") (nothing up the sleeve).
 _AES_KEY = bytes.fromhex("2f5c646c9852ec80d9c4c1c7a7424adc")
 _U64 = np.uint64
-_ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
 _NOT_LSB = np.uint64(0xFFFFFFFFFFFFFFFE)
 _LEFT, _RIGHT, _CONVERT = np.uint64(0), np.uint64(1), np.uint64(2)  # tweak domains
 
@@ -295,29 +294,36 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tu
     abits = _bits_msb_first(alpha, n)
     mmo = _Mmo((2, 2, _side_blocks(k), N))  # (party, side, block, N) blocks
 
+    sides = np.array([_LEFT, _RIGHT], dtype=_U64)[None, :, None]
+    one = _U64(1)
     for i in range(n):
-        mmo.load(s[:, None], np.array([_LEFT, _RIGHT], dtype=_U64)[None, :, None])
-        out = mmo.run()  # lines 6-7: G(s_b^(i-1)) for both sides
-        tb = out[:, :, 0, :, 0] & _U64(1)  # (party, side, N): t_b^L, t_b^R
+        mmo.load(s[:, None], sides)
+        out = mmo.run()  # lines 6-7: G(s_b^(i-1)) for both sides, (party, side, block, N, word)
+        tb = out[:, :, 0, :, 0] & one  # (party, side, N): t_b^L, t_b^R
         out[:, :, 0, :, 0] ^= tb
-        sd = out[:, :, 0]  # (party, side, N, word): s_b^L, s_b^R
-        v = _words(out[:, :, 1:], k)  # (party, side, k, N): v_b^L, v_b^R
         a = abits[i]
         am = -a  # all-ones where alpha_i = 1: Keep = R, Lose = L (lines 8-9)
-        s_diff = sd[:, 0] ^ sd[:, 1]
-        s_keep = sd[:, 0] ^ (s_diff & am[:, None])
-        s_lose = s_keep ^ s_diff
-        v_keep = v[:, 0] + ((v[:, 1] - v[:, 0]) & am)
-        v_lose = v[:, 0] + v[:, 1] - v_keep
-        t_keep = tb[:, 0] ^ ((tb[:, 0] ^ tb[:, 1]) & a)
-        sign1 = -t[1]  # (-1)^{t_1^(i-1)} as a negation mask
-        s_cw = s_lose[0] ^ s_lose[1]  # line 10
-        v_cw = _signed(v_lose[1] - v_lose[0] - v_alpha + (beta_t & am), sign1)  # lines 11-12
-        v_alpha = v_alpha - v_keep[1] + v_keep[0] + _signed(v_cw, sign1)  # line 13
-        t_cw_l = tb[0, 0] ^ tb[1, 0] ^ a ^ _U64(1)  # line 14
+        t_mask = -t  # (party, N)
+        for w in (0, 1):  # seeds, one 64-bit word at a time
+            s_l, s_r = out[:, 0, 0, :, w], out[:, 1, 0, :, w]  # (party, N)
+            s_diff = s_l ^ s_r
+            s_keep = s_l ^ (s_diff & am)
+            s_lose = s_keep ^ s_diff
+            s_cw = s_lose[0] ^ s_lose[1]  # line 10
+            cw_seed[i, w] = s_cw
+            np.bitwise_xor(s_keep, s_cw & t_mask, out=s[:, :, w])  # line 16
+        sign1 = t_mask[1]  # (-1)^{t_1^(i-1)} as a negation mask
+        for m in range(k):  # payload word m of v_b^L, v_b^R: (party, N) views
+            v_l, v_r = out[:, 0, 1 + m // 2, :, m % 2], out[:, 1, 1 + m // 2, :, m % 2]
+            v_keep = v_l + ((v_r - v_l) & am)
+            v_lose = v_l + v_r - v_keep
+            v_cw = _signed(v_lose[1] - v_lose[0] - v_alpha[m] + (beta_t[m] & am), sign1)  # lines 11-12
+            v_alpha[m] += v_keep[0] - v_keep[1] + _signed(v_cw, sign1)  # line 13
+            cw_v[i, m] = v_cw
+        t_cw_l = tb[0, 0] ^ tb[1, 0] ^ a ^ one  # line 14
         t_cw_r = tb[0, 1] ^ tb[1, 1] ^ a
-        cw_seed[i], cw_v[i], cw_t[i, 0], cw_t[i, 1] = s_cw.T, v_cw, t_cw_l, t_cw_r  # line 15
-        s = s_keep ^ (s_cw & -t[:, :, None])  # line 16
+        cw_t[i, 0], cw_t[i, 1] = t_cw_l, t_cw_r  # line 15: CW^(i) = s_CW || V_CW || t_CW^L || t_CW^R
+        t_keep = tb[:, 0] ^ ((tb[:, 0] ^ tb[:, 1]) & a)
         t = t_keep ^ (t & (t_cw_l ^ ((t_cw_l ^ t_cw_r) & a)))  # line 17
 
     conv = _convert(s, k)  # (party, k, N)
