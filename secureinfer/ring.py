@@ -12,46 +12,46 @@ operation is exact.
 
 *Limbs.* Every ``a`` in Z_2^64 is split into three balanced limbs of ``s = 22`` bits::
 
-    a = a0 + 2^22 a1 + 2^44 a2  (mod 2^64),   a0, a1 in [-2^21, 2^21),  |a2| <= 2^19
+    a = a0 + 2^22 a1 + 2^44 a2  (mod 2^64),   a0, a1 in [-2^21, 2^21),  a2 in [-2^19, 2^19)
 
-(``t = a + 2^21``; ``a0 = (t & (2^22-1)) - 2^21``; repeat on ``t >> 22``; ``a2`` is what
-is left of the top 20 bits, carry included). Then, mod 2^64::
+(with ``t = a + 2^21 + 2^43`` wrapping: ``a0 = (t & (2^22-1)) - 2^21``,
+``a1 = ((t >> 22) & (2^22-1)) - 2^21``, ``a2 = t >> 44`` arithmetic). Then, mod 2^64::
 
     a b = c0 + 2^22 c1 + 2^44 c2,   c0 = a0 b0,  c1 = a0 b1 + a1 b0,
                                     c2 = a0 b2 + a1 b1 + a2 b0
 
-because ``a1 b2``, ``a2 b1`` (shift 66) and ``a2 b2`` (shift 88) vanish mod 2^64. This is a
-product of degree-2 polynomials truncated mod x^3, which needs 5 multiplications, not 6
-(Karatsuba, 1962): with ``o0 = a0 b0``, ``o1 = a1 b1``, ``o2 = (a0+a1)(b0+b1)``,
-``o3 = a0 b2`` and ``o4 = a2 b0``::
-
-    c0 = o0,   c1 = (o2 - o0) - o1,   c2 = (o3 + o4) + o1.
-
-For matrices each ``o_i`` is one float64 matmul (conv) of limb matrices over an inner
-dimension K; all five run as one batched call on a ``(5, ...)`` stack of limbs.
+because ``a1 b2``, ``a2 b1`` (shift 66) and ``a2 b2`` (shift 88) vanish mod 2^64; three
+limbs need ``3s >= 64`` for that, so 22 is the narrowest width. This is a product of
+degree-2 polynomials truncated mod x^3, which needs 5 multiplications, not 6 (Karatsuba
+and Ofman, 1962): with ``o0 = a0 b0``, ``o1 = a1 b1``, ``o2 = (a0+a1)(b0+b1)``,
+``o3 = a0 b2`` and ``o4 = a2 b0``: ``c0 = o0``, ``c1 = o2 - o0 - o1``,
+``c2 = o3 + o4 + o1``, so ``a b = sum_i w_i o_i (mod 2^64)`` with
+``w = (1 - 2^22, 2^44 - 2^22, 2^22, 2^44, 2^44)``. For matrices each ``o_i`` is a float64
+matmul (conv) of limb matrices over the inner dimension K; all five, and all K-chunks,
+run as one batched call on a ``(5 * J, ...)`` stack of limbs.
 
 *Exactness.* float64 represents every integer of magnitude <= 2^53, and a sum of
 integers is computed exactly, in any order and with or without FMA, as long as every
 partial sum stays within that range; every partial sum is bounded by the sum of the
-absolute values of its terms. Per term of the inner dimension: ``|o2| <= 2^22 * 2^22 =
-2^44`` (the largest), ``|o0|, |o1| <= 2^42``, ``|o3|, |o4| <= 2^40``; the combinations
-are bounded by ``|o2 - o0| <= 3 * 2^42``, ``|c1| <= 2^43``, ``|c2| <= 3 * 2^41``. So with
-at most ``K_c = 2^53 / 2^44 = 512`` terms per chunk every product, every partial sum and
-every combination is exact. Larger K is split into ``J = ceil(K / 512)`` chunks that are
-stacked into the same batched call; chunk results are converted to int64 and summed there
-(wrapping mod 2^64), then ``c0 + (c1 << 22) + (c2 << 44)`` is formed in int64. The tests
-check this against int64 references with worst-case limbs (-1, INT64_MIN, INT64_MAX, ...)
-and K = 5000.
+absolute values of its terms. Per term of the inner dimension the largest product is
+``|(a0+a1)(b0+b1)| <= 2^22 * 2^22 = 2^44`` (``|o0|, |o1| <= 2^42``,
+``|o3|, |o4| <= 2^40``), so with at most ``K_c = 2^53 / 2^44 = 512`` terms per chunk
+every product and partial sum is an exact integer below 2^53. Larger K is split into
+``J = ceil(K / 512)`` chunks (zero-padded to equal size). Each exact float64 result is
+converted to int64 (exact) and the weighted sum over the 5 products and J chunks is
+done in int64, wrapping mod 2^64. The tests check this against int64 references with
+worst-case limbs (-1, INT64_MIN, INT64_MAX, |a0 + a1| = 2^22, ...) and K = 5000, and
+fail if the chunk bound is raised.
 
 *Cost.* One ring matmul (m, K) @ (K, n) = one batched float64 matmul of 5 (m, K, n)
-products (5x the flops of a float64 matmul of the same shape; chunking adds none), plus
-about 9 elementwise passes over ``a`` and 9 over the (J, m, n) outputs. :func:`prepare`
-does the limb split of a fixed right operand (model weights) once; it holds 5 float64
-copies of it. A ring conv2d is 4 float64 conv2d calls per chunk (x0 with [w0; w2], x1
-with w1, x0+x1 with w0+w1, x2 with w0): 5 units of GEMM, 4 of im2col. On CPU it uses
-``F.conv2d``, whose float64 kernel is im2col + GEMM (exact). On other devices it uses an
-explicit int64 im2col + :func:`matmul`, because cuDNN may pick FFT or Winograd
-algorithms, which round.
+products: 5x the flops of a float64 matmul of the same shape (chunking adds none), plus
+about 8 elementwise passes over ``a`` and 3 over the (5, J, m, n) products.
+:func:`prepare` does the limb split of a fixed right operand (model weights) once; it
+holds 5 float64 copies of it. A ring conv2d is 4 float64 conv2d calls per chunk of
+input channels (x0 with [w0; w2], x1 with w1, x0+x1 with w0+w1, x2 with w0): 5 units
+of GEMM, 4 of im2col. On CPU it uses ``F.conv2d``, whose float64 kernel is im2col + GEMM
+(exact). On other devices it uses an int64 im2col + :func:`matmul`, because cuDNN may
+pick FFT or Winograd algorithms, which round. Measured ratios: ``scripts/bench_ring.py``.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ DEFAULT_FRAC_BITS = 16
 _LIMB = 22  # limb width s: 3 limbs, and 3s >= 64 so that a1*b2, a2*b1 vanish
 _HALF = 1 << (_LIMB - 1)
 _MASK = (1 << _LIMB) - 1
+_OFFSET = _HALF + (_HALF << _LIMB)
 _MAX_CHUNK = 1 << (53 - 2 * _LIMB)  # 512 inner terms of |(a0+a1)(b0+b1)| <= 2^44
 _F64 = torch.float64
 
@@ -235,16 +236,17 @@ def _limbs5(a: torch.Tensor, j: int, kc: int, *, right: bool = False) -> torch.T
     def chunked(t: torch.Tensor) -> torch.Tensor:  # (..., j*kc) -> (j, ..., kc) view
         return t.unflatten(-1, (j, kc)).movedim(-2, 0)
 
-    t = a + _HALF
-    torch.bitwise_and(chunked(t), _MASK, out=out[0])
-    t >>= _LIMB
-    t += _HALF
-    torch.bitwise_and(chunked(t), _MASK, out=out[1])
-    t >>= _LIMB
-    out[top].copy_(chunked(t))
+    # t = a + 2^21 (1 + 2^22): the unsigned 22-bit digits of t minus 2^21 are the
+    # balanced limbs a0, a1 of a, and t's arithmetic top (t >> 44) is a2.
+    t = a + _OFFSET
+    tc = chunked(t)
+    views = out.unbind(0)
+    torch.bitwise_and(tc, _MASK, out=views[0])
+    torch.bitwise_and(tc >> _LIMB, _MASK, out=views[1])
+    torch.bitwise_right_shift(tc, 2 * _LIMB, out=views[top])
     out[:2].sub_(_HALF)
-    torch.add(out[0], out[1], out=out[2])
-    out[dup].copy_(out[0])
+    torch.add(views[0], views[1], out=views[2])
+    views[dup].copy_(views[0])
     return out
 
 
@@ -253,20 +255,28 @@ def _split5(a: torch.Tensor) -> torch.Tensor:
     return _limbs5(a.unsqueeze(-1), 1, 1).view(5, *a.shape)
 
 
-def _partial(
-    o0: torch.Tensor, o1: torch.Tensor, o2: torch.Tensor, o3: torch.Tensor, o4: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int64 (c0, c1, c2) from the five float64 limb products (``o2``, ``o3`` are reused)."""
-    c1 = o2.sub_(o0).sub_(o1)  # a0 b1 + a1 b0; |o2 - o0| <= 3 * 2^42 * kc
-    c2 = o3.add_(o4).add_(o1)  # a0 b2 + a1 b1 + a2 b0
-    return o0.to(torch.int64), c1.to(torch.int64), c2.to(torch.int64)
+def _wrap64(v: int) -> int:
+    return (v + (1 << 63)) % (1 << 64) - (1 << 63)
 
 
-def _recombine(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """``c0 + 2^22 c1 + 2^44 c2`` mod 2^64 (consumes its arguments)."""
-    c1 <<= _LIMB
-    c2 <<= 2 * _LIMB
-    return c0.add_(c1).add_(c2)
+# a b = c0 + 2^22 c1 + 2^44 c2 with c0 = o0, c1 = o2 - o0 - o1, c2 = o3 + o4 + o1, i.e.
+# the weighted sum of o0..o4 with these weights (as int64 residues mod 2^64).
+_WEIGHTS = tuple(
+    _wrap64(v)
+    for v in (1 - (1 << _LIMB), (1 << 2 * _LIMB) - (1 << _LIMB), 1 << _LIMB, 1 << 2 * _LIMB, 1 << 2 * _LIMB)
+)
+
+
+def _combine(o: torch.Tensor) -> torch.Tensor:
+    """int64 ``sum_j c0 + 2^22 c1 + 2^44 c2`` from float64 products ``o`` (5, J, ...).
+
+    Every entry of ``o`` is an exactly computed integer of magnitude <= 2^53, so its
+    conversion to int64 is exact; the rest is int64 arithmetic mod 2^64.
+    """
+    oi = o.to(torch.int64)
+    w = torch.tensor(_WEIGHTS, dtype=torch.int64, device=o.device)
+    oi.mul_(w.view(5, *(1,) * (o.dim() - 1)))
+    return oi.flatten(0, 1).sum(0)
 
 
 # ------------------------------------------------------------------------- operands
@@ -333,7 +343,9 @@ def matmul(a: torch.Tensor, b: torch.Tensor | PreparedOperand) -> torch.Tensor:
     j, kc, n = bdata.shape[1], bdata.shape[-2], bdata.shape[-1]
     ba, bb = tuple(am.shape[:-2]), tuple(bdata.shape[2:-2])
     if not bb:  # fold a's batch dims into its rows: one (5J)-batched GEMM
-        o = torch.matmul(_limbs5(am.reshape(math.prod(ba) * m, k), j, kc), bdata)
+        rows = math.prod(ba) * m
+        a5 = _limbs5(am.reshape(rows, k), j, kc).view(5 * j, rows, kc)
+        o = torch.bmm(a5, bdata.view(5 * j, kc, n)).view(5, j, rows, n)
         out_shape = (*ba, m, n)
     else:
         try:
@@ -344,9 +356,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor | PreparedOperand) -> torch.Tensor:
         b5 = bdata.reshape(5, j, *(1,) * (len(batch) - len(bb)), *bb, kc, n)
         o = torch.matmul(a5, b5)
         out_shape = (*batch, m, n)
-    c = _partial(*o.unbind(0))
-    c0, c1, c2 = (t.sum(0) if j > 1 else t[0] for t in c)
-    r = _recombine(c0, c1, c2).reshape(out_shape)
+    r = _combine(o).reshape(out_shape)
     if b_vec:
         r = r.squeeze(-1)
     if a.dim() == 1:
@@ -443,19 +453,18 @@ def conv2d(
     nparts = len(pw.data) // 4
     cc = pw.data[1].shape[1]
 
+    prods = torch.empty((5, nparts, n, groups, og, ho, wo), dtype=_F64, device=x.device)
+
     def conv(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(inp.contiguous(), weight, None, (sh, sw), (ph, pv), (dh, dw), groups)
         return y.view(n, groups, -1, og, ho, wo)
 
-    def chunk(i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    for i in range(nparts):
         w02, w1, w01, w0 = pw.data[4 * i : 4 * i + 4]
         xs = x5 if nparts == 1 else x5.unflatten(2, (groups, cg))[:, :, :, i * cc : (i + 1) * cc].flatten(2, 3)
         o03 = conv(xs[0], w02)  # per group [x0 w0; x0 w2]
-        o1, o2, o4 = (conv(xs[k], wk)[:, :, 0] for k, wk in ((1, w1), (2, w01), (4, w0)))
-        return _partial(o03[:, :, 0], o1, o2, o03[:, :, 1], o4)
-
-    acc = chunk(0)
-    for i in range(1, nparts):
-        c = chunk(i)
-        acc = (acc[0].add_(c[0]), acc[1].add_(c[1]), acc[2].add_(c[2]))
-    return _recombine(*acc).reshape(n, o, ho, wo)
+        prods[0, i].copy_(o03[:, :, 0])
+        prods[3, i].copy_(o03[:, :, 1])
+        for k, wk in ((1, w1), (2, w01), (4, w0)):
+            prods[k, i].copy_(conv(xs[k], wk)[:, :, 0])
+    return _combine(prods).reshape(n, o, ho, wo)

@@ -1,0 +1,108 @@
+"""Benchmark exact ring matmul/conv2d (secureinfer.ring) against one float64 op of the same shape.
+
+Prints one JSON line per case: absolute times in microseconds (median of repeats, each
+repeat timing a batch of calls) of the float64 op, the ring op with a prepared right
+operand / weight, the ring op without, and ``prepare`` alone, plus the ratios
+ring / float64. The product target is a ratio <= ~15; tiny shapes are bound by per-call
+overhead, so read their absolute times too.
+
+    .venv/bin/python scripts/bench_ring.py [--threads N] [--device cpu|cuda] [--seconds S]
+
+Inputs are uniform ring elements from torch's non-secret default generator (benchmark
+data, not secrets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from secureinfer import ring
+
+MATMUL_CASES = [((1, 784), (784, 128)), ((100, 784), (784, 128)), ((128, 128), (128, 128)), ((256, 1024), (1024, 1024))]
+CONV_CASES = [((1, 1, 28, 28), (16, 1, 5, 5)), ((32, 16, 12, 12), (16, 16, 5, 5))]
+
+
+def timeit(fn: Callable[[], Any], *, seconds: float, device: torch.device) -> float:
+    """Median microseconds per call of ``fn`` over about ``seconds`` of repeats."""
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-6)
+    inner = max(1, int(0.02 / once))  # calls per repeat: about 20 ms
+    reps = max(5, min(50, int(seconds / (once * inner))))
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples) * 1e6
+
+
+def ring_data(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # Non-secret benchmark data: torch's generator is fine here.
+    return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64).to(device)
+
+
+def bench_case(kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: float, device: torch.device) -> dict[str, Any]:
+    a, b = ring_data(sa, device), ring_data(sb, device)
+    af, bf = a.to(torch.float64), b.to(torch.float64)
+    if kind == "matmul":
+        pb = ring.prepare(b)
+        f64, prep = (lambda: af @ bf), (lambda: ring.prepare(b))
+        fast, slow = (lambda: ring.matmul(a, pb)), (lambda: ring.matmul(a, b))
+        assert torch.equal(ring.matmul(a, pb), (a.cpu() @ b.cpu()).to(device))
+    else:
+        pb = ring.prepare_conv2d(b)
+        f64, prep = (lambda: F.conv2d(af, bf)), (lambda: ring.prepare_conv2d(b))
+        fast, slow = (lambda: ring.conv2d(a, pb)), (lambda: ring.conv2d(a, b))
+    t = {name: timeit(fn, seconds=seconds, device=device) for name, fn in
+         (("float64", f64), ("prepared", fast), ("unprepared", slow), ("prepare", prep))}
+    return {
+        "case": kind,
+        "a": list(sa),
+        "b": list(sb),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "float64_us": round(t["float64"], 1),
+        "ring_prepared_us": round(t["prepared"], 1),
+        "ring_unprepared_us": round(t["unprepared"], 1),
+        "prepare_us": round(t["prepare"], 1),
+        "ratio_prepared": round(t["prepared"] / t["float64"], 2),
+        "ratio_unprepared": round(t["unprepared"] / t["float64"], 2),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=0.5, help="time budget per measurement")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    for sa, sb in MATMUL_CASES:
+        print(json.dumps(bench_case("matmul", sa, sb, seconds=args.seconds, device=device)), flush=True)
+    for sa, sb in CONV_CASES:
+        print(json.dumps(bench_case("conv2d", sa, sb, seconds=args.seconds, device=device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
