@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from secureinfer.dealer.material import BundleBuilder, PartyBundle
-from secureinfer.engine.plan import compile_plan, generate_request_material, model_mask_shapes
+from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError
 from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed
@@ -78,7 +78,7 @@ class DealerCore:
             if m is None:
                 seeds = [derive_seed(self._master, f"model/{deployment_id}/{p}") for p in range(n_parties)]
                 b = BundleBuilder(n_parties, seeds=seeds)
-                masks = {name: b.random(f"{name}/B", shape) for name, shape in model_mask_shapes(graph).items()}
+                masks = {key: b.random(f"{key}/B", shape) for key, shape in fixed_operand_shapes(graph).items()}
                 m = _Model(graph, graph.digest(), n_parties, seeds, masks)
                 m.batches.add((1, "logits"))
                 self._models[deployment_id] = m

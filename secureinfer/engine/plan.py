@@ -1,86 +1,81 @@
 """Compile a public :class:`~secureinfer.graph.Graph` into protocol steps.
 
 The plan is a pure function of public data (graph, batch size, number of parties,
-comparison method), so the parties and the dealer derive the *same* steps, and the
-dealer can generate a request's correlated randomness ahead of the request.
+comparison method), so the parties and the dealer derive the *same* steps and the dealer
+can generate a request's correlated randomness ahead of the request.
 
-Scales: every value carries its number of fractional bits. Inputs and weights have
-``f`` = ``graph.frac_bits``; a linear layer's output has ``2f``. Truncation back to ``f``
-is *fused* into the ReLU that follows (one gate does both), or inserted as a separate
-truncation step before a linear layer whose input still has ``2f``; the model's final
-output is never truncated in MPC — the client divides by ``2^scale`` after
+Scales: a linear layer's output has ``2f`` fractional bits. Truncation back to ``f`` is
+*fused* into a following ReLU (one gate does both) and otherwise inserted as a separate
+step only where an op needs a smaller scale (``SecureOp.max_in_scale``). The model's
+final output is never truncated in MPC: the client divides by ``2^scale`` after
 reconstruction, which is exact and free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
-from secureinfer import ring
-from secureinfer.dealer.material import (
-    BundleBuilder,
-    gate_material,
-    linear_material,
-    trunc_material,
-)
+from secureinfer.dealer.material import BundleBuilder
+from secureinfer.engine.ops import OPS, Ctx, ValueSpec
 from secureinfer.errors import ShapeError, UnsupportedModelError
-from secureinfer.graph.ir import Graph
-from secureinfer.protocols.compare import argmax_material_shapes, default_method, gate_params
+from secureinfer.graph.ir import Graph, Node
+from secureinfer.protocols.compare import default_method
 
-__all__ = ["Plan", "Step", "compile_plan", "generate_request_material", "linear_nodes", "model_mask_shapes"]
+__all__ = ["Plan", "Step", "compile_plan", "fixed_operand_shapes", "generate_request_material"]
 
 
 @dataclass(frozen=True)
 class Step:
-    name: str
-    kind: str  # linear | trunc | gate | flatten | argmax
-    node: str
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    attrs: dict[str, Any] = field(default_factory=dict)
+    name: str  # unique: namespace of the step's dealer material
+    node: Node
+    inputs: tuple[str, ...]  # value names
+    ins: tuple[ValueSpec, ...]
+    out: ValueSpec
 
 
 @dataclass(frozen=True)
 class Plan:
     steps: list[Step]
     batch: int
-    n_parties: int
-    method: str
-    output_scale: int
-    output_shape: tuple[int, ...]
-    argmax: bool
+    ctx: Ctx
+    outputs: dict[str, str]  # output name -> value name
+    specs: dict[str, ValueSpec]
+
+    @property
+    def method(self) -> str:
+        return self.ctx.method
+
+    @property
+    def output_scale(self) -> int:
+        return self.specs[self.outputs["logits"]].scale
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.specs[self.outputs["logits"]].shape
 
     def rounds(self) -> int:
-        """Online rounds this plan costs (FSS: 1 per gate; bitwise: see compare)."""
-        total = 0
-        for s in self.steps:
-            if s.kind in ("linear", "trunc"):
-                total += 1
-            elif s.kind == "gate":
-                total += _gate_rounds(self.method, s.attrs["scale"])
-            elif s.kind == "argmax":
-                total += _gate_rounds(self.method, s.attrs["scale"]) + _gate_rounds(self.method, 0)
-        return total
+        """Online rounds of the plan (steps run one after another)."""
+        return sum(OPS[s.node.op].rounds(s.node, s.ins, self.ctx) for s in self.steps)
+
+    def per_step(self) -> list[dict[str, object]]:
+        return [
+            {"step": s.name, "op": s.node.op, "in": [list(i.shape) for i in s.ins], "out": list(s.out.shape),
+             "scale": s.out.scale, "rounds": OPS[s.node.op].rounds(s.node, s.ins, self.ctx)}
+            for s in self.steps
+        ]
 
 
-def _gate_rounds(method: str, scale: int) -> int:
-    if method == "fss":
-        return 1
-    ell, cut = gate_params(scale)
-    n = ell - cut
-    return 2 + max(0, (n - 1).bit_length())
-
-
-def linear_nodes(graph: Graph) -> list[str]:
-    return [n.name for n in graph.nodes if n.op == "linear"]
-
-
-def model_mask_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
-    """Shape of the fixed mask B of every linear layer (the engine's (in, out) layout)."""
-    return {n.name: (n.attrs["in_features"], n.attrs["out_features"]) for n in graph.nodes if n.op == "linear"}
+def fixed_operand_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
+    """Shape of every fixed-weight mask B, keyed ``"<node>/<param attr>"``."""
+    out: dict[str, tuple[int, ...]] = {}
+    for n in graph.nodes:
+        op = OPS.get(n.op)
+        if op is not None:
+            for attr, shape in op.masks(n, graph.param_shapes).items():
+                out[f"{n.name}/{attr}"] = shape
+    return out
 
 
 def compile_plan(
@@ -88,55 +83,44 @@ def compile_plan(
 ) -> Plan:
     if batch < 1:
         raise ShapeError("batch size must be at least 1")
-    f = graph.frac_bits
-    method = method or default_method(n_parties)
+    ctx = Ctx(f=graph.frac_bits, n_parties=n_parties, method=method or default_method(n_parties))
     spec = graph.input_spec()
-    shape: tuple[int, ...] = (batch, *spec.shape[1:])
-    scale = f
+    specs: dict[str, ValueSpec] = {spec.name: ValueSpec((batch, *spec.shape[1:]), ctx.f)}
     steps: list[Step] = []
+    missing = [f"node {n.name!r}: op {n.op!r}" for n in graph.nodes if n.op not in OPS]
+    if missing:
+        raise UnsupportedModelError("the model cannot run under MPC", missing)
     for node in graph.nodes:
-        if node.op == "linear":
-            if len(shape) != 2 or shape[1] != node.attrs["in_features"]:
-                raise ShapeError(f"node {node.name!r} expects (batch, {node.attrs['in_features']}), gets {shape}")
-            if scale > f:
-                steps.append(Step(f"{node.name}/pre", "trunc", node.name, shape, shape, {"frac": scale - f}))
-                scale = f
-            out = (shape[0], node.attrs["out_features"])
-            steps.append(Step(node.name, "linear", node.name, shape, out, {"scale_in": scale}))
-            shape, scale = out, scale + f
-        elif node.op == "relu":
-            if scale > f:
-                attrs = {"payload": "relu_trunc", "scale": scale, "frac": scale - f}
-                steps.append(Step(node.name, "gate", node.name, shape, shape, attrs))
-                scale = f
-            else:
-                steps.append(Step(node.name, "gate", node.name, shape, shape, {"payload": "relu", "scale": scale, "frac": 0}))
-        elif node.op == "flatten":
-            out = (shape[0], int(torch.tensor(shape[1:]).prod().item()) if len(shape) > 1 else 1)
-            steps.append(Step(node.name, "flatten", node.name, shape, out))
-            shape = out
-        else:
-            raise UnsupportedModelError("the model cannot run under MPC", [f"node {node.name!r}: op {node.op!r}"])
+        op = OPS[node.op]
+        inputs = list(node.inputs)
+        limit = op.max_in_scale(node, ctx)
+        if limit is not None:
+            for k, vin in enumerate(inputs):
+                if specs[vin].scale > limit:
+                    tname = f"{node.name}/pre{k}"
+                    tnode = Node(tname, "trunc", (vin,), {"frac": specs[vin].scale - limit})
+                    tin = (specs[vin],)
+                    specs[tname] = OPS["trunc"].infer(tnode, tin, ctx)
+                    steps.append(Step(tname, tnode, (vin,), tin, specs[tname]))
+                    inputs[k] = tname
+        ins = tuple(specs[i] for i in inputs)
+        out = op.infer(node, ins, ctx)
+        specs[node.name] = out
+        steps.append(Step(node.name, node, tuple(inputs), ins, out))
+    outputs = {"logits": graph.outputs[0]}
     if argmax:
-        steps.append(Step("argmax", "argmax", "argmax", shape, shape, {"scale": scale}))
-    return Plan(steps, batch, n_parties, method, scale, shape, argmax)
+        last = graph.outputs[0]
+        anode = Node("argmax", "argmax", (last,))
+        ains = (specs[last],)
+        specs["argmax"] = OPS["argmax"].infer(anode, ains, ctx)
+        steps.append(Step("argmax", anode, (last,), ains, specs["argmax"]))
+        outputs["argmax"] = "argmax"
+    return Plan(steps, batch, ctx, outputs, specs)
 
 
 def generate_request_material(plan: Plan, builder: BundleBuilder, masks: dict[str, torch.Tensor]) -> None:
     """Dealer side: all correlated randomness one request of ``plan`` consumes."""
     for s in plan.steps:
-        if s.kind == "linear":
-            linear_material(builder, s.name, input_shape=s.in_shape, mask=masks[s.node], op=ring.matmul)
-        elif s.kind == "trunc":
-            trunc_material(builder, s.name, shape=s.in_shape, frac=s.attrs["frac"])
-        elif s.kind == "gate":
-            ell, cut = gate_params(s.attrs["scale"])
-            gate_material(
-                builder, s.name, shape=s.in_shape, ell=ell, cut=cut, payload=s.attrs["payload"],
-                frac=s.attrs["frac"], method=plan.method,
-            )
-        elif s.kind == "argmax":
-            pairs, top = argmax_material_shapes(s.in_shape[:-1], s.in_shape[-1])
-            for sub, shp, sc in ((f"{s.name}/pairs", pairs, s.attrs["scale"]), (f"{s.name}/top", top, 0)):
-                ell, cut = gate_params(sc)
-                gate_material(builder, sub, shape=shp, ell=ell, cut=cut, payload="sign", frac=0, method=plan.method)
+        op = OPS[s.node.op]
+        mine = {attr: masks[f"{s.node.name}/{attr}"] for attr in op.fixed if f"{s.node.name}/{attr}" in masks}
+        op.material(builder, s.name, s.node, s.ins, s.out, plan.ctx, mine)

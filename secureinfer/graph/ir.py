@@ -8,8 +8,15 @@ derives the correlated randomness a model needs from the same public structure.
 Ops (attributes):
 
 * ``linear`` (in_features, out_features, weight, bias|None): y = x W^T + b
-* ``relu``
-* ``flatten`` (start_dim): reshape to (batch, -1)
+* ``conv2d`` (in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+  weight, bias|None)
+* ``channel_affine`` (axis, weight, bias|None): y = x * w[c] + b[c] (unfolded BatchNorm)
+* ``relu``, ``maxpool2d`` / ``avgpool2d`` (kernel_size, stride, padding),
+  ``global_avgpool``
+* ``flatten`` (start_dim), ``reshape`` (shape without batch), ``add``, ``concat`` (axis)
+* ``argmax`` (added by the engine when the client asks for it)
+
+The engine (:mod:`secureinfer.engine.ops`) implements every op of :data:`SUPPORTED_OPS`.
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 
 __all__ = ["Graph", "Node", "SUPPORTED_OPS", "TensorSpec"]
 
-SUPPORTED_OPS = ("linear", "relu", "flatten")
+SUPPORTED_OPS = (
+    "linear", "conv2d", "channel_affine", "relu", "maxpool2d", "avgpool2d", "global_avgpool",
+    "flatten", "reshape", "add", "concat",
+)
+_PARAM_ATTRS = ("weight", "bias")
 _FORMAT = "secureinfer.graph/1"
 
 
@@ -117,15 +128,13 @@ class Graph:
             for i in n.inputs:
                 if i not in known:
                     out.append(f"node {n.name!r}: input {i!r} is not defined before it")
-            if n.op == "linear":
-                w = n.attrs.get("weight")
-                if w not in self.param_shapes:
-                    out.append(f"node {n.name!r}: weight parameter {w!r} missing")
-                elif self.param_shapes[w] != (n.attrs.get("out_features"), n.attrs.get("in_features")):
-                    out.append(f"node {n.name!r}: weight shape {self.param_shapes[w]} does not match attrs")
-                b = n.attrs.get("bias")
-                if b is not None and self.param_shapes.get(b) != (n.attrs.get("out_features"),):
-                    out.append(f"node {n.name!r}: bias {b!r} missing or of the wrong shape")
+            for attr in _PARAM_ATTRS:
+                pname = n.attrs.get(attr)
+                if pname is not None and pname not in self.param_shapes:
+                    out.append(f"node {n.name!r}: parameter {pname!r} ({attr}) missing")
+            if n.op == "linear" and n.attrs.get("weight") in self.param_shapes:
+                if self.param_shapes[n.attrs["weight"]] != (n.attrs.get("out_features"), n.attrs.get("in_features")):
+                    out.append(f"node {n.name!r}: weight shape {self.param_shapes[n.attrs['weight']]} does not match attrs")
             known.add(n.name)
         for o in self.outputs:
             if o not in known:

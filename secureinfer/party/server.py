@@ -302,28 +302,35 @@ class PartyServer:
 
 
 def _parse_weight_shares(payload: bytes, graph: Graph) -> dict[str, torch.Tensor]:
+    """Parse this party's parameter shares and check them against what the graph needs."""
+    from secureinfer.engine.runner import encode_params
+
     msg = party_pb2.WeightShares()
     try:
         msg.ParseFromString(payload)
     except Exception as exc:
         raise InvalidArgumentError(f"malformed weight shares: {exc}") from exc
     shares = {t.name: share_from_proto(t.tensor) for t in msg.tensors}
-    problems = []
-    for n in graph.nodes:
-        if n.op != "linear":
-            continue
-        want = {n.attrs["weight"]: (n.attrs["in_features"], n.attrs["out_features"])}
-        if n.attrs.get("bias"):
-            want[n.attrs["bias"]] = (n.attrs["out_features"],)
-        for k, shp in want.items():
-            got = shares.get(k)
-            if got is None:
-                problems.append(f"missing share of {k}")
-            elif tuple(got.shape) != shp:
-                problems.append(f"share of {k} has shape {tuple(got.shape)}, expected {shp}")
+    expected = {k: tuple(v.shape) for k, v in encode_params(_zero_params(graph)).items()}
+    problems = [f"unexpected tensor {k!r}" for k in shares if k not in expected]
+    for k, shp in expected.items():
+        got = shares.get(k)
+        if got is None:
+            problems.append(f"missing share of {k}")
+        elif tuple(got.shape) != shp:
+            problems.append(f"share of {k} has shape {tuple(got.shape)}, expected {shp}")
     if problems:
         raise InvalidArgumentError("weight shares do not match the graph: " + "; ".join(problems))
     return shares
+
+
+def _zero_params(graph: Graph) -> Graph:
+    """A copy of ``graph`` with zero parameters: lets the engine tell the expected shapes."""
+    import copy
+
+    g = copy.copy(graph)
+    g.params = {k: np.zeros(v) for k, v in graph.param_shapes.items()}
+    return g
 
 
 def _guard(server: PartyServer, ctx: grpc.ServicerContext, what: str, fn: Any) -> Any:

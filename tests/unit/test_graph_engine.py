@@ -9,7 +9,7 @@ from torch import nn
 
 from secureinfer import ring
 from secureinfer.dealer.material import BundleBuilder, PartyBundle
-from secureinfer.engine.plan import compile_plan, generate_request_material, model_mask_shapes
+from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.engine.runner import PartyModel, encode_params, open_masks, run_plan
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 from secureinfer.graph.ir import Graph
@@ -65,9 +65,8 @@ def test_torchscript_file_import(tmp_path) -> None:
 def test_plan_fuses_truncation_into_relu_and_counts_rounds() -> None:
     g = from_torch(_mlp(), (1, 3, 4))
     plan = compile_plan(g, batch=2, n_parties=2)
-    kinds = [(s.kind, s.attrs.get("payload")) for s in plan.steps]
-    assert kinds == [("flatten", None), ("linear", None), ("gate", "relu_trunc"), ("linear", None),
-                     ("trunc", None), ("linear", None)]
+    assert [s.node.op for s in plan.steps] == ["flatten", "linear", "relu", "linear", "trunc", "linear"]
+    assert plan.steps[2].ins[0].scale == 32 and plan.steps[2].out.scale == 16  # ReLU fused with truncation
     assert plan.rounds() == 5 and plan.output_scale == 32
 
 
@@ -80,7 +79,7 @@ def test_engine_in_process_matches_torch(n: int) -> None:
     prg = Prg.from_os()
     param_shares = {k: share(v, n, prg=prg) for k, v in enc.items()}
     model_b = BundleBuilder(n)
-    masks = {k: model_b.random(f"{k}/B", s) for k, s in model_mask_shapes(g).items()}
+    masks = {k: model_b.random(f"{k}/B", s) for k, s in fixed_operand_shapes(g).items()}
     plan = compile_plan(g, batch=4, n_parties=n)
     req_b = BundleBuilder(n)
     generate_request_material(plan, req_b, masks)
