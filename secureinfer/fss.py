@@ -68,6 +68,7 @@ _U64 = np.uint64
 _NOT_LSB = np.uint64(0xFFFFFFFFFFFFFFFE)
 _LEFT, _RIGHT, _CONVERT = np.uint64(0), np.uint64(1), np.uint64(2)  # tweak domains
 
+_CHUNK = 4096  # instances per pass of gen / eval: keeps each level's buffers in cache
 _BULK_ELEMENTS = 1 << 16  # eval precomputes all n levels' public bits below n*N of this
 
 _MAGIC = b"SIDC"
@@ -280,20 +281,34 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tu
     if not isinstance(prg, Prg):
         raise InvalidArgumentError(f"prg must be a secureinfer.prg.Prg, got {type(prg).__name__}")
     k = beta.shape[1]
-    beta_t = np.ascontiguousarray(beta.T)  # (k, N)
-
     root = prg.uint64((2, N, 2))  # line 2: s_0^(0), s_1^(0); the LSB is the t slot, kept 0
     root[..., 0] &= _NOT_LSB
+    cw_seed = np.empty((n, 2, N), dtype=_U64)
+    cw_v = np.empty((n, k, N), dtype=_U64)
+    cw_t = np.empty((n, 2, N), dtype=np.uint8)
+    cw_last = np.empty((k, N), dtype=_U64)
+    for lo in range(0, N, _CHUNK):  # instances are independent: cache-sized chunks
+        hi = min(N, lo + _CHUNK)
+        _gen_chunk(root[:, lo:hi], alpha[lo:hi], beta[lo:hi].T, n,
+                   cw_seed[..., lo:hi], cw_v[..., lo:hi], cw_t[..., lo:hi], cw_last[:, lo:hi])
+    for arr in (root, cw_seed, cw_v, cw_t, cw_last):
+        arr.setflags(write=False)
+    views = dict(cw_seed=cw_seed.transpose(0, 2, 1), cw_v=cw_v.transpose(0, 2, 1),
+                 cw_t=cw_t.transpose(0, 2, 1), cw_last=cw_last.T)
+    return (DcfKey(party=0, n_bits=n, k=k, seed=root[0], **views),
+            DcfKey(party=1, n_bits=n, k=k, seed=root[1], **views))
+
+
+def _gen_chunk(root: np.ndarray, alpha: np.ndarray, beta_t: np.ndarray, n: int, cw_seed: np.ndarray,
+               cw_v: np.ndarray, cw_t: np.ndarray, cw_last: np.ndarray) -> None:
+    """Fig. 3 Gen for root seeds (2, C, 2), alpha (C,), beta (k, C); fills the cw_* (.., C)."""
+    k, N = beta_t.shape
     s = root.copy()  # s_b^(i-1): (party, N, word)
     t = np.zeros((2, N), dtype=_U64)  # line 4: t_b^(i-1) as 0/1
     t[1] = 1
     v_alpha = np.zeros((k, N), dtype=_U64)  # line 3
-    cw_seed = np.empty((n, 2, N), dtype=_U64)
-    cw_v = np.empty((n, k, N), dtype=_U64)
-    cw_t = np.empty((n, 2, N), dtype=np.uint8)
     abits = _bits_msb_first(alpha, n)
     mmo = _Mmo((2, 2, _side_blocks(k), N))  # (party, side, block, N) blocks
-
     sides = np.array([_LEFT, _RIGHT], dtype=_U64)[None, :, None]
     one = _U64(1)
     for i in range(n):
@@ -325,15 +340,8 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tu
         cw_t[i, 0], cw_t[i, 1] = t_cw_l, t_cw_r  # line 15: CW^(i) = s_CW || V_CW || t_CW^L || t_CW^R
         t_keep = tb[:, 0] ^ ((tb[:, 0] ^ tb[:, 1]) & a)
         t = t_keep ^ (t & (t_cw_l ^ ((t_cw_l ^ t_cw_r) & a)))  # line 17
-
     conv = _convert(s, k)  # (party, k, N)
-    cw_last = _signed(conv[1] - conv[0] - v_alpha, -t[1])  # line 19
-    for arr in (root, cw_seed, cw_v, cw_t, cw_last):
-        arr.setflags(write=False)
-    views = dict(cw_seed=cw_seed.transpose(0, 2, 1), cw_v=cw_v.transpose(0, 2, 1),
-                 cw_t=cw_t.transpose(0, 2, 1), cw_last=cw_last.T)
-    return (DcfKey(party=0, n_bits=n, k=k, seed=root[0], **views),
-            DcfKey(party=1, n_bits=n, k=k, seed=root[1], **views))
+    cw_last[...] = _signed(conv[1] - conv[0] - v_alpha, -t[1])  # line 19
 
 
 def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
@@ -350,11 +358,25 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     n, N, k = key.n_bits, key.num, key.k
     if x.shape != (N,):
         raise ShapeError(f"x must have shape ({N},) to match the key, got {x.shape}")
-    B = _side_blocks(k)
     # Instance-minor views (no copies for keys from dcf_gen / from_bytes).
     cw_seed = key.cw_seed.transpose(0, 2, 1)  # (n, 2, N)
     cw_v = key.cw_v.transpose(0, 2, 1)  # (n, k, N)
     cw_t = key.cw_t.transpose(0, 2, 1)  # (n, 2, N) uint8
+    cw_last = key.cw_last.T  # (k, N)
+    acc = np.empty((k, N), dtype=_U64)
+    for lo in range(0, N, _CHUNK):  # instances are independent: cache-sized chunks
+        hi = min(N, lo + _CHUNK)
+        _eval_chunk(key.party, key.seed[lo:hi], cw_seed[..., lo:hi], cw_v[..., lo:hi], cw_t[..., lo:hi],
+                    cw_last[:, lo:hi], x[lo:hi], acc[:, lo:hi])
+    return np.ascontiguousarray(acc.T)
+
+
+def _eval_chunk(party: int, seed: np.ndarray, cw_seed: np.ndarray, cw_v: np.ndarray, cw_t: np.ndarray,
+                cw_last: np.ndarray, x: np.ndarray, acc: np.ndarray) -> None:
+    """Fig. 3 Eval for C instances: seed (C, 2), cw_seed (n, 2, C), cw_v (n, k, C),
+    cw_t (n, 2, C), cw_last (k, C), x (C,); writes V into acc (k, C)."""
+    n, k, N = cw_v.shape
+    B = _side_blocks(k)
     t_cw_l = cw_t[:, 0]  # (n, N) uint8
     t_cw_d = cw_t[:, 0] ^ cw_t[:, 1]  # t_CW^L ^ t_CW^R: t_CW^side = t_CW^L ^ x_i t_CW_d
     shifts = np.arange(n - 1, -1, -1, dtype=_U64)  # x_i = bit n-i of x (MSB first)
@@ -363,14 +385,14 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     mmo = _Mmo((B, N))
     inp, out = mmo.inp, mmo.out
     seed_in = inp[0]  # s^(i-1) lives in the first input block
-    np.copyto(seed_in, key.seed)
+    np.copyto(seed_in, seed)
     s_w0, s_w1, o_w0, o_w1 = inp[0, :, 0], inp[0, :, 1], out[0, :, 0], out[0, :, 1]
     payload = [(inp[j], _U64(j)) for j in range(1, B)]  # tweak (j, j) of block j
-    t = np.full(N, key.party, dtype=_U64)  # t^(i-1), 0/1, as a ring multiplier
+    t = np.full(N, party, dtype=_U64)  # t^(i-1), 0/1, as a ring multiplier
     tmp = np.empty(N, dtype=_U64)
     tmp_v = np.empty((k, N), dtype=_U64)
     acc_v = np.zeros((B - 1, N, 2), dtype=_U64)  # sum of v^side, in block layout
-    acc = np.zeros((k, N), dtype=_U64)  # sum of the t V_CW terms; finally V without (-1)^b
+    acc[...] = 0  # sum of the t V_CW terms; finally V without (-1)^b
 
     bulk = n * N <= _BULK_ELEMENTS
     if bulk:  # small batch: all public bits and t_CW^side at once, fewer calls per level
@@ -413,8 +435,7 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
 
     acc += _words(acc_v, k)
     acc += _convert(seed_in, k)  # V += Convert(s^(n)) + t^(n) CW_{n+1}
-    mul(key.cw_last.T, t, out=tmp_v)
+    mul(cw_last, t, out=tmp_v)
     acc += tmp_v
-    if key.party:
+    if party:
         np.negative(acc, out=acc)  # the (-1)^b factor of every term
-    return np.ascontiguousarray(acc.T)

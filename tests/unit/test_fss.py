@@ -60,8 +60,11 @@ def _cases(n_bits: int, prg: Prg, n_random: int = 300) -> tuple[np.ndarray, np.n
 
 @pytest.fixture(params=["bulk", "streaming"])
 def eval_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test with both of dcf_eval's code paths (small-batch bulk / per-level rows)."""
-    monkeypatch.setattr(fss, "_BULK_ELEMENTS", 1 << 62 if request.param == "bulk" else 0)
+    """Run a test through both code paths: one chunk with all public bits precomputed,
+    and many small chunks (gen and eval) with per-level bit extraction."""
+    bulk = request.param == "bulk"
+    monkeypatch.setattr(fss, "_BULK_ELEMENTS", 1 << 62 if bulk else 0)
+    monkeypatch.setattr(fss, "_CHUNK", 1 << 30 if bulk else 97)
     return str(request.param)
 
 
