@@ -5,18 +5,25 @@ A :class:`Graph` is *public structure* (ops, attributes, shapes) plus *parameter
 Every importer produces this IR; the engine maps nodes to protocols and the dealer
 derives the correlated randomness a model needs from the same public structure.
 
-Ops (attributes):
+Ops (attributes). Tensors are batch-first; images NCHW. Parameter attributes
+(``weight``, ``bias``) name entries of ``params`` in PyTorch layout.
 
-* ``linear`` (in_features, out_features, weight, bias|None): y = x W^T + b
-* ``conv2d`` (in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-  weight, bias|None)
-* ``channel_affine`` (axis, weight, bias|None): y = x * w[c] + b[c] (unfolded BatchNorm)
-* ``relu``, ``maxpool2d`` / ``avgpool2d`` (kernel_size, stride, padding),
-  ``global_avgpool``
-* ``flatten`` (start_dim), ``reshape`` (shape without batch), ``add``, ``concat`` (axis)
+* ``linear`` (in_features, out_features, weight, bias|None): y = x W^T + b, over the last axis
+* ``conv2d`` (in_channels, out_channels, kernel_size [kh, kw], stride [sh, sw],
+  padding [ph, pw], dilation [dh, dw], groups, weight, bias|None)
+* ``channel_affine`` (axis, weight, bias|None): y = x * w[c] + b[c] along ``axis``
+  (BatchNorm in inference: folded into the preceding conv/linear, else this op)
+* ``relu``; ``leaky_relu`` (negative_slope)
+* ``maxpool2d`` / ``avgpool2d`` (kernel_size, stride, padding); ``global_avgpool``
+* ``flatten`` (start_dim); ``reshape`` (shape: target shape without the batch axis)
+* ``add`` (two inputs, broadcasting); ``concat`` (axis, n inputs)
+* ``sigmoid``; ``tanh``; ``gelu``; ``softmax`` (axis); ``layernorm`` (axis = -1,
+  normalized size, eps, weight|None, bias|None)
+* ``matmul`` (two secret inputs, batched ``torch.matmul`` semantics; attention)
 * ``argmax`` (added by the engine when the client asks for it)
 
-The engine (:mod:`secureinfer.engine.ops`) implements every op of :data:`SUPPORTED_OPS`.
+The engine (:mod:`secureinfer.engine.ops`) implements the ops; a graph whose ops it
+cannot run is refused with one error listing every such node.
 """
 
 from __future__ import annotations
@@ -33,8 +40,8 @@ from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 __all__ = ["Graph", "Node", "SUPPORTED_OPS", "TensorSpec"]
 
 SUPPORTED_OPS = (
-    "linear", "conv2d", "channel_affine", "relu", "maxpool2d", "avgpool2d", "global_avgpool",
-    "flatten", "reshape", "add", "concat",
+    "linear", "conv2d", "channel_affine", "relu", "leaky_relu", "maxpool2d", "avgpool2d", "global_avgpool",
+    "flatten", "reshape", "add", "concat", "sigmoid", "tanh", "gelu", "softmax", "layernorm", "matmul",
 )
 _PARAM_ATTRS = ("weight", "bias")
 _FORMAT = "secureinfer.graph/1"
