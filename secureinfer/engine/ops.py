@@ -386,6 +386,9 @@ class AvgPool2d(SecureOp):
 
     op = "avgpool2d"
 
+    def max_in_scale(self, node, ctx) -> int | None:
+        return ctx.f
+
     def infer(self, node, ins, ctx) -> ValueSpec:
         return ValueSpec(_pool_out(node, ins[0].shape), ins[0].scale + ctx.f)
 
@@ -399,6 +402,9 @@ class AvgPool2d(SecureOp):
 @register
 class GlobalAvgPool(SecureOp):
     op = "global_avgpool"
+
+    def max_in_scale(self, node, ctx) -> int | None:
+        return ctx.f
 
     def infer(self, node, ins, ctx) -> ValueSpec:
         n, c = ins[0].shape[:2]
