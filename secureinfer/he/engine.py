@@ -177,6 +177,8 @@ class Evaluator:
                     pt = pts[gi]
                     if pt is None:
                         continue
+                    if isinstance(pt, float):
+                        pt = self._encode(pt, parms_id, q)
                     _j, _g, i, h = groups.keys[gi]
                     prod = self._sa.Ciphertext()
                     self._ev.multiply_plain(babies[i][h], pt, prod)
@@ -200,20 +202,25 @@ class Evaluator:
         return out
 
     def _plaintexts(self, k: int, groups: _Groups, parms_id: Any, q: float) -> list[Any]:
+        """Encoded diagonals: a Plaintext, a float (constant diagonal, encoded when used,
+        never stored: a scalar plaintext is as large as any other) or None (all zero)."""
         key = (self._cache_key, self.plan.bp, self.plan.im2col, k, tuple(parms_id))
         cached = self._cache.get(key) if self._cache is not None else None
         if cached is not None:
             return cached
         pts: list[Any] = []
         nbytes = 0
-        n_primes = self._seal.get_context_data(parms_id).parms().coeff_modulus().__len__()
+        n_primes = len(self._seal.get_context_data(parms_id).parms().coeff_modulus())
         for vec in groups.vectors:
             if not np.any(vec):
                 pts.append(None)
                 continue
             sv = self._slot_vector(vec)
-            pts.append(self._encode(sv, parms_id, q))
-            nbytes += 2 * self.plan.slots * n_primes * 8
+            if isinstance(sv, float):
+                pts.append(sv)
+            else:
+                pts.append(self._encode(sv, parms_id, q))
+                nbytes += self.plan.slots * 2 * n_primes * 8
         if self._cache is not None:
             self._cache.put(key, pts, nbytes)
         return pts
