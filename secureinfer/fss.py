@@ -68,7 +68,10 @@ _U64 = np.uint64
 _NOT_LSB = np.uint64(0xFFFFFFFFFFFFFFFE)
 _LEFT, _RIGHT, _CONVERT = np.uint64(0), np.uint64(1), np.uint64(2)  # tweak domains
 
-_CHUNK = 4096  # instances per pass of gen / eval: keeps each level's buffers in cache
+# Instances per pass (they are independent). Gen touches 4x eval's blocks per level and
+# gains from staying in cache; eval is cheaper in fewer, longer numpy calls (measured).
+_GEN_CHUNK = 8192
+_EVAL_CHUNK = 1 << 15
 _BULK_ELEMENTS = 1 << 16  # eval precomputes all n levels' public bits below n*N of this
 
 _MAGIC = b"SIDC"
@@ -287,8 +290,8 @@ def dcf_gen(alpha: np.ndarray, beta: np.ndarray, *, n_bits: int, prg: Prg) -> tu
     cw_v = np.empty((n, k, N), dtype=_U64)
     cw_t = np.empty((n, 2, N), dtype=np.uint8)
     cw_last = np.empty((k, N), dtype=_U64)
-    for lo in range(0, N, _CHUNK):  # instances are independent: cache-sized chunks
-        hi = min(N, lo + _CHUNK)
+    for lo in range(0, N, _GEN_CHUNK):
+        hi = min(N, lo + _GEN_CHUNK)
         _gen_chunk(root[:, lo:hi], alpha[lo:hi], beta[lo:hi].T, n,
                    cw_seed[..., lo:hi], cw_v[..., lo:hi], cw_t[..., lo:hi], cw_last[:, lo:hi])
     for arr in (root, cw_seed, cw_v, cw_t, cw_last):
@@ -364,8 +367,8 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     cw_t = key.cw_t.transpose(0, 2, 1)  # (n, 2, N) uint8
     cw_last = key.cw_last.T  # (k, N)
     acc = np.empty((k, N), dtype=_U64)
-    for lo in range(0, N, _CHUNK):  # instances are independent: cache-sized chunks
-        hi = min(N, lo + _CHUNK)
+    for lo in range(0, N, _EVAL_CHUNK):
+        hi = min(N, lo + _EVAL_CHUNK)
         _eval_chunk(key.party, key.seed[lo:hi], cw_seed[..., lo:hi], cw_v[..., lo:hi], cw_t[..., lo:hi],
                     cw_last[:, lo:hi], x[lo:hi], acc[:, lo:hi])
     return np.ascontiguousarray(acc.T)

@@ -64,7 +64,8 @@ def eval_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -
     and many small chunks (gen and eval) with per-level bit extraction."""
     bulk = request.param == "bulk"
     monkeypatch.setattr(fss, "_BULK_ELEMENTS", 1 << 62 if bulk else 0)
-    monkeypatch.setattr(fss, "_CHUNK", 1 << 30 if bulk else 97)
+    monkeypatch.setattr(fss, "_GEN_CHUNK", 1 << 30 if bulk else 97)
+    monkeypatch.setattr(fss, "_EVAL_CHUNK", 1 << 30 if bulk else 61)
     return str(request.param)
 
 
