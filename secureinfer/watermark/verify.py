@@ -129,11 +129,15 @@ def check_certificate(
     return reasons
 
 
-def count_bit_errors(state: Mapping[str, torch.Tensor], cert: Certificate, key: WatermarkKey) -> int:
+def count_bit_errors(
+    state: Mapping[str, torch.Tensor], cert: Certificate, key: WatermarkKey, *, frac_bits: int | None = None
+) -> int:
     """Hamming distance between the bits extracted from the model and the key's bits.
 
-    Raises :class:`SecureInferError` subclasses when the layer is missing or has the wrong
-    shape. Extraction is on ``round(w · 2^frac_bits)`` with exact integers.
+    Extraction is on ``round(w · 2^f)`` with exact integers, ``f`` = ``frac_bits`` or the
+    certificate's; give the precision of a deployment to reproduce an MPC audit of it
+    exactly (any ``f ≥`` the certificate's keeps every embedded bit). Raises
+    :class:`InvalidArgumentError` when the layer is missing or has the wrong shape.
     """
     if cert.layer not in state:
         raise InvalidArgumentError(f"model has no parameter {cert.layer!r} named in the certificate")
@@ -144,7 +148,7 @@ def count_bit_errors(state: Mapping[str, torch.Tensor], cert: Certificate, key: 
         )
     if not w.is_floating_point():
         raise InvalidArgumentError(f"parameter {cert.layer!r} is not a floating-point tensor")
-    q = quantize_weights(w, frac_bits=cert.frac_bits)
+    q = quantize_weights(w, frac_bits=cert.frac_bits if frac_bits is None else frac_bits)
     extracted = extract_bits(project_fixed_point(key.seed, q, bits=cert.bits))
     return bit_errors(extracted, watermark_bits(key.seed, bits=cert.bits))
 

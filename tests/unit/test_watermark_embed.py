@@ -80,6 +80,8 @@ def test_fixed_point_conversion_keeps_every_bit(marked: tuple[DigitsCNN, Waterma
     x = projection_matrix(KEY.seed, bits=256, dim=w.numel(), dtype=torch.float64)
     assert bit_errors(extract_bits(float_projection(x, fixed)), watermark_bits(KEY.seed, bits=256)) == 0
     assert bit_errors(extract_bits(float_projection(x, w.double())), watermark_bits(KEY.seed, bits=256)) == 0
+    for f in (16, 20, 32):  # any deployment precision at least the certified one keeps every bit
+        assert count_bit_errors(model.state_dict(), wm.certificate, KEY, frac_bits=f) == 0
 
 
 def test_unmodified_model_verifies(marked: tuple[DigitsCNN, Watermarked]) -> None:
@@ -103,8 +105,10 @@ def test_passes_after_fine_tuning(marked: tuple[DigitsCNN, Watermarked], data: D
     tuned = copy.deepcopy(model)
     half = len(data.y_train) // 2
     before = tuned.fc1.weight.detach().clone()
-    train(tuned, data.x_train[:half], data.y_train[:half], epochs=5, lr=0.01, optimizer="sgd", seed=3)
-    assert not torch.equal(before, tuned.fc1.weight.detach())
+    # lr 0.01 with Adam: SGD at lr 0.01 barely moves a converged model (< 1% of the layer).
+    train(tuned, data.x_train[:half], data.y_train[:half], epochs=5, lr=0.01, optimizer="adam", seed=3)
+    assert float((tuned.fc1.weight.detach() - before).norm() / before.norm()) > 0.1
+    assert accuracy(tuned, data.x_test, data.y_test) > 0.9
     v = verify_state_dict(tuned.state_dict(), wm.certificate, KEY)
     assert v.passed, v.reasons
 
