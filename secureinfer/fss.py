@@ -50,13 +50,14 @@ Cost per instance, ``n = n_bits``, ``k`` payload words:
 from __future__ import annotations
 
 import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from secureinfer.errors import InvalidArgumentError, ProtocolError, ShapeError
+from secureinfer.errors import ConfigError, InvalidArgumentError, ProtocolError, ShapeError
 from secureinfer.prg import Prg
 
 __all__ = ["DcfKey", "dcf_eval", "dcf_gen"]
@@ -94,6 +95,8 @@ class _Mmo:
     __slots__ = ("_enc", "_inp8", "_raw", "inp", "out")
 
     def __init__(self, shape: tuple[int, ...]) -> None:
+        if sys.byteorder != "little":  # blocks are native uint64 pairs read as AES bytes
+            raise ConfigError("secureinfer.fss needs a little-endian host")
         blocks = int(np.prod(shape, dtype=np.int64))
         self._enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
         self.inp = np.empty((*shape, 2), dtype=_U64)
