@@ -112,8 +112,14 @@ class _Mmo:
         first = self.inp[..., 0, :, :]
         np.copyto(first, seeds)
         first[..., 1] ^= domain
-        for j in range(1, self.inp.shape[-3]):
-            np.bitwise_xor(first, _U64(j), out=self.inp[..., j, :, :])
+        self.spread()
+
+    def spread(self) -> None:
+        """inp[..., j, :, :] = inp[..., 0, :, :] ^ (j, j) for the blocks j >= 1."""
+        blocks = self.inp.shape[-3]
+        if blocks > 1:
+            tweaks = np.arange(1, blocks, dtype=_U64)[:, None, None]
+            np.bitwise_xor(self.inp[..., None, 0, :, :], tweaks, out=self.inp[..., 1:, :, :])
 
     def run(self) -> np.ndarray:
         if self._raw.size > 16:
@@ -392,10 +398,11 @@ def _eval_chunk(party: int, seed: np.ndarray, cw_seed: np.ndarray, cw_v: np.ndar
     inp, out = mmo.inp, mmo.out
     seed_in = inp[0]  # s^(i-1) lives in the first input block
     np.copyto(seed_in, seed)
-    s_w0, s_w1, o_w0, o_w1 = inp[0, :, 0], inp[0, :, 1], out[0, :, 0], out[0, :, 1]
-    payload = [(inp[j], _U64(j)) for j in range(1, B)]  # tweak (j, j) of block j
+    s_w1, o_w0 = inp[0, :, 1], out[0, :, 0]
+    tweaks = np.arange(1, B, dtype=_U64)[:, None, None]
+    s_words, o_words = seed_in.T, out[0].T  # (2, N) views of s^(i-1) and of the child seed
     t = np.full(N, party, dtype=_U64)  # t^(i-1), 0/1, as a ring multiplier
-    tmp = np.empty(N, dtype=_U64)
+    tmp_s = np.empty((2, N), dtype=_U64)
     tmp_v = np.empty((k, N), dtype=_U64)
     acc_v = np.zeros((B - 1, N, 2), dtype=_U64)  # sum of v^side, in block layout
     acc[...] = 0  # sum of the t V_CW terms; finally V without (-1)^b
@@ -421,16 +428,12 @@ def _eval_chunk(party: int, seed: np.ndarray, cw_seed: np.ndarray, cw_v: np.ndar
             band(x8, t_cw_d[i], out=t_cw_i)
             t_cw_i ^= t_cw_l[i]  # t_CW of side x_i
         s_w1 ^= x_i  # the public bit x_i picks the side, i.e. the tweak domain (0 L, 1 R)
-        for blk, j in payload:
-            bxor(seed_in, j, out=blk)
+        bxor(seed_in, tweaks, out=inp[1:])  # tweak (j, j) of payload block j
         mmo.run()  # G(s^(i-1)), side x_i only
         band(o_w0, one, out=t_new, casting="unsafe")  # t^side ...
         o_w0 &= _NOT_LSB  # ... taken out of the seed
-        cws = cw_seed[i]
-        mul(cws[0], t, out=tmp)  # s^(i) = s^side ^ t^(i-1) s_CW
-        bxor(o_w0, tmp, out=s_w0)
-        mul(cws[1], t, out=tmp)
-        bxor(o_w1, tmp, out=s_w1)
+        mul(cw_seed[i], t, out=tmp_s)  # s^(i) = s^side ^ t^(i-1) s_CW
+        bxor(o_words, tmp_s, out=s_words)
         mul(cw_v[i], t, out=tmp_v)  # V += v^side + t^(i-1) V_CW
         acc += tmp_v
         acc_v += out[1:]
