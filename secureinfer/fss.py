@@ -16,7 +16,7 @@ Sharing for Mixed-Mode and Fixed-Point Secure Computation", EUROCRYPT 2021, Fig.
 (``Gen^<_n`` / ``Eval^<_n``), with output group ``G = (Z_2^64)^k`` and domain
 ``{0,1}^n`` read MSB first. Everything is vectorized over ``N`` independent instances:
 each element has its own ``alpha``, ``beta`` and key, and every tree level is one AES
-call over all instances.
+call over all instances (of a cache-sized chunk).
 
 PRG. ``G`` is fixed-key AES-128 (the key is a public constant) in Matyas–Meyer–Oseas
 form with a distinct tweak per output block, ``H_T(s) = AES_K(s ^ T) ^ s ^ T``, which is a
@@ -31,8 +31,8 @@ child, 1 = right child, 2 = Convert) uses the tweak ``T = (j, j ^ d)``. A side o
 control bit ``t`` and is then cleared (seeds carry 127 random bits), followed by the
 ``k`` payload words ``v``. ``Convert(s)`` is the first ``k`` little-endian words of the
 ``ceil(k/2)`` blocks of domain 2. Eval expands only the side named by the public bit
-``x_i`` (its domain is xored in per element), half the AES work of Gen. Root seeds come
-from the caller's :class:`~secureinfer.prg.Prg`.
+``x_i`` (its domain is xored in per element): half the AES work of Gen's two-sided
+expansion. Root seeds come from the caller's :class:`~secureinfer.prg.Prg`.
 
 Cost per instance, ``n = n_bits``, ``k`` payload words:
 

@@ -126,7 +126,8 @@ def test_int64_inputs_are_read_as_ring_elements() -> None:
     prg = _prg("int64")
     alpha, beta, x = prg.uint64(64), prg.uint64((64, 2)), prg.uint64(64)
     keys = dcf_gen(alpha.view(np.int64), beta.view(np.int64), n_bits=64, prg=prg)
-    assert np.array_equal(dcf_eval(keys[0], x.view(np.int64)) + dcf_eval(keys[1], x), _expected(alpha, beta, x, 64))
+    total = dcf_eval(keys[0], x.view(np.int64)) + dcf_eval(keys[1], x)
+    assert np.array_equal(total, _expected(alpha, beta, x, 64))
 
 
 def test_empty_batch() -> None:
