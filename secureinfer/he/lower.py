@@ -14,7 +14,7 @@ Folding (so that depth = number of multiplications that cannot be avoided):
    affine(c2, c0 - c1^2/4c2) (completing the square); with c2 == 0 it is affine(c1, c0).
 2. An affine after a linear step folds into its rows (diag(a) M, a b + s); an affine
    before a linear step folds into its columns (M diag(a), b + M s); consecutive affines
-   merge; affine(a, 0) before a square moves behind it as affine(a^2, 0).
+   merge; affine(a, s) before a square becomes affine(1, s/a), square, affine(a^2, 0).
 3. Consecutive linear steps merge into one sparse product (conv then avgpool costs one
    level, not two).
 
@@ -205,9 +205,11 @@ def _fold(steps: list[Step], gather: np.ndarray | None) -> list[Step]:
             elif isinstance(a, LinearStep) and isinstance(b, LinearStep):
                 new = [LinearStep((b.matrix @ a.matrix).tocsr(), b.matrix @ a.bias + b.bias,
                                   None if a.expanded is None else (b.matrix @ a.expanded).tocsr())]
-            elif (isinstance(a, AffineStep) and isinstance(b, SquareStep) and not np.any(a.shift)
-                  and not a.unit_scale):
-                new = [SquareStep(), AffineStep(a.scale * a.scale, np.zeros_like(a.shift))]
+            elif (isinstance(a, AffineStep) and isinstance(b, SquareStep) and not a.unit_scale
+                  and np.all(a.scale != 0)):
+                # (a x + s)^2 = a^2 (x + s/a)^2: the scale moves behind the square, for free
+                new = [AffineStep(np.ones_like(a.scale), a.shift / a.scale), SquareStep(),
+                       AffineStep(a.scale * a.scale, np.zeros_like(a.shift))]
             if new is not None:
                 steps = steps[:k] + new + steps[k + 2:]
                 changed = True

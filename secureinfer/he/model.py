@@ -146,6 +146,10 @@ def layer_shapes(model: HEModel, *, problems: list[str] | None = None) -> list[t
     for i, layer in enumerate(model.layers):
         kind = layer.get("type")
         where = f"layer {i} ({kind})"
+        if kind not in SUPPORTED_LAYERS:
+            # the output shape of an unknown layer is unknown: stop checking shapes here
+            shapes += [shape] * (len(model.layers) - i)
+            break
         if kind == "conv2d":
             if len(shape) != 3:
                 own.append(f"{where}: needs a (C, H, W) input, got shape {shape}")
