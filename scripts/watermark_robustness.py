@@ -43,9 +43,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from secureinfer.prg import fresh_seed  # noqa: E402
 from secureinfer.watermark.attacks import prune_by_magnitude, quantize_uniform  # noqa: E402
-from secureinfer.watermark.digits import DigitsData, accuracy, fit_digits, load_digits_data, train  # noqa: E402
+from secureinfer.watermark.digits import DigitsCNN, DigitsData, accuracy, fit_digits, load_digits_data, train  # noqa: E402
 from secureinfer.watermark.keys import WatermarkKey, public_key_bytes  # noqa: E402
 from secureinfer.watermark.owner import watermark_model  # noqa: E402
 from secureinfer.watermark.scheme import bit_errors, extract_bits, project_fixed_point, quantize_weights, watermark_bits  # noqa: E402
@@ -60,8 +59,6 @@ def _emit(rows: list[dict[str, Any]], **row: Any) -> None:
 
 
 def _state_model(state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    from secureinfer.watermark.digits import DigitsCNN
-
     m = DigitsCNN()
     m.load_state_dict(state)
     return m

@@ -111,9 +111,9 @@ def embed_watermark(
     if len(x) != len(y) or len(y) == 0:
         raise InvalidArgumentError("training data must be non-empty with one label per example")
     sign_matrix = projection_signs(seed, bits=bits, dim=dim)
-    matrix = sign_matrix.to(torch.float32) / dim**0.5
+    matrix = (sign_matrix.to(torch.float32) / dim**0.5).to(param.device)
     wm_bits = watermark_bits(seed, bits=bits)
-    s = wm_bits.to(torch.float32) * 2 - 1
+    s = (wm_bits.to(torch.float32) * 2 - 1).to(param.device)
     bound = quantization_bound(dim, frac_bits=frac_bits)
     required = margin_safety * bound
     if margin is None:
@@ -147,7 +147,12 @@ def embed_watermark(
             reached_at = epoch
     model.eval()
 
-    q = quantize_weights(param.detach(), frac_bits=frac_bits)
+    # The guarantee, checked in float64: every margin exceeds the worst-case fixed-point change.
+    w64 = param.detach().cpu().to(torch.float64)
+    min_margin = float(projected_margins(w64, sign_matrix.to(torch.float64) / dim**0.5, s.cpu().double()).min())
+    if min_margin <= required:
+        raise SecureInferError(f"smallest projected margin {min_margin:.3g} is below the fixed-point bound {required:.3g}")
+    q = quantize_weights(w64, frac_bits=frac_bits)
     errors = bit_errors(extract_bits(fixed_point_projection(sign_matrix, q)), wm_bits)
     if errors:  # impossible when min_margin > bound; kept as a guard on the arithmetic
         raise SecureInferError(f"{errors} watermark bits flipped by fixed-point conversion")

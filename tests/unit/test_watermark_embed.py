@@ -11,7 +11,7 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from secureinfer.errors import InvalidArgumentError
+from secureinfer.errors import InvalidArgumentError, SecureInferError
 from secureinfer.watermark.attacks import prune_by_magnitude, quantize_uniform
 from secureinfer.watermark.certificate import save_certificate
 from secureinfer.watermark.digits import DigitsCNN, DigitsData, accuracy, fit_digits, load_digits_data, train
@@ -164,3 +164,11 @@ def test_embed_rejects_bad_layers(base: DigitsCNN, data: DigitsData) -> None:
         embed_watermark(m, KEY.seed, x=data.x_train, y=data.y_train, layer="nope")
     with pytest.raises(InvalidArgumentError, match="fewer than"):
         embed_watermark(m, KEY.seed, x=data.x_train, y=data.y_train, layer="conv1.weight")  # 144 < 256
+    with pytest.raises(InvalidArgumentError, match="fixed-point bound"):
+        embed_watermark(m, KEY.seed, x=data.x_train, y=data.y_train, layer="fc1.weight", margin=1e-4)
+
+
+def test_embed_refuses_to_stop_below_the_fixed_point_bound(base: DigitsCNN, data: DigitsData) -> None:
+    m = copy.deepcopy(base)
+    with pytest.raises(SecureInferError, match="not embedded after 0 epochs"):
+        embed_watermark(m, KEY.seed, x=data.x_train, y=data.y_train, layer="fc1.weight", max_epochs=0)
