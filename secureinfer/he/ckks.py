@@ -91,6 +91,7 @@ def context_has_secret_key(data: bytes) -> bool:
 
 def params_of_context(seal_context: Any, scale_bits: int) -> CkksParams:
     """The :class:`CkksParams` of a SEAL context (bit sizes of its primes)."""
+    import tenseal.sealapi  # noqa: F401 - registers SEAL's Modulus/EncryptionParameters types with pybind
     parms = seal_context.key_context_data().parms()
     bits = tuple(int(m.bit_count()) for m in parms.coeff_modulus())
     return CkksParams(int(parms.poly_modulus_degree()), bits, int(scale_bits))

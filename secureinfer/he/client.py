@@ -169,6 +169,17 @@ class HEClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def server_live(self, *, timeout_s: float | None = None) -> bool:
+        """True if the server answers ServerLive (False if it cannot be reached)."""
+        try:
+            return bool(self._stub.ServerLive(common_pb2.ServerLiveRequest(), timeout=timeout_s or self.timeout_s,
+                                              metadata=self._metadata).live)
+        except grpc.RpcError:
+            return False
+
+    def server_ready(self) -> bool:
+        return bool(self._call(self._stub.ServerReady, common_pb2.ServerReadyRequest()).ready)
+
     # ------------------------------------------------------------------ metadata
 
     def model_info(self, name: str) -> HEModelInfo:

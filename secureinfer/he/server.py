@@ -18,6 +18,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -97,7 +98,9 @@ class _Servicer(he_pb2_grpc.HEInferenceServicer):
             self.log.warning("request_failed", code=exc.grpc_code, error=str(exc)[:500])
             abort_with(context, exc)
         except Exception as exc:  # noqa: BLE001 - last resort: never leak internals or crash the server
-            self.log.error("internal_error", error_type=type(exc).__name__)
+            tb = traceback.extract_tb(exc.__traceback__)
+            where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno} in {tb[-1].name}" if tb else "?"
+            self.log.error("internal_error", error_type=type(exc).__name__, where=where)  # no message: may hold data
             context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__})")
         raise AssertionError("unreachable")  # pragma: no cover
 
