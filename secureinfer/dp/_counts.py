@@ -37,6 +37,7 @@ _HALF_LN_2PI = 0.5 * math.log(2.0 * math.pi)
 _LNFACT16 = np.array([math.lgamma(k + 1) for k in range(16)])
 _REL = 1e-14  # relative rounding error allowed per term of the float formulas
 _FLOOR = 1e-12  # absolute slack added to every margin
+_STIRLING = 1e-13  # > twice the truncation error of the 4-term Stirling series at z >= 16 (1.2e-14)
 
 
 def _stirling_tail(z: np.ndarray | float) -> np.ndarray | float:
@@ -100,14 +101,14 @@ def poisson_logr(lam: Fraction, m: int, j: np.ndarray) -> tuple[np.ndarray, np.n
         t3 = -jj * np.log1p((jj - float(lam - m)) / float(lam))
         t4 = _stirling_tail(float(m)) - _stirling_tail(kk)
         val[acc] = t1 + t2 + t3 + t4
-        err[acc] = _REL * (1.0 + np.abs(t1) + np.abs(t2) + np.abs(t3))
+        err[acc] = _STIRLING + _REL * (1.0 + np.abs(t1) + np.abs(t2) + np.abs(t3))
     d = ~acc
     if d.any():
         jj = j[d].astype(np.float64)
         lk, lm = lnfact(k[d]), float(lnfact(np.array([m]))[0])
         t = jj * math.log(lam)
         val[d] = t - lk + lm
-        err[d] = _REL * (1.0 + np.abs(t) + np.abs(lk) + abs(lm))
+        err[d] = 2 * _STIRLING + _REL * (1.0 + np.abs(t) + np.abs(lk) + abs(lm))
     return val, err
 
 
@@ -253,7 +254,7 @@ def binomial_logr(n: int, p: Fraction, m: int, j: np.ndarray) -> tuple[np.ndarra
         t4 = -jj * np.log1p((jj - float(n * p - m)) / (kkp * pf))
         t5 = _stirling_tail(float(m)) + _stirling_tail(float(mp)) - _stirling_tail(kk) - _stirling_tail(kkp)
         val[acc] = t1 + t2 + t3 + t4 + t5
-        err[acc] = _REL * (1.0 + np.abs(t1) + np.abs(t2) + np.abs(t3) + np.abs(t4))
+        err[acc] = 2 * _STIRLING + _REL * (1.0 + np.abs(t1) + np.abs(t2) + np.abs(t3) + np.abs(t4))
     d = ~acc
     if d.any():
         jj = j[d].astype(np.float64)
@@ -261,7 +262,7 @@ def binomial_logr(n: int, p: Fraction, m: int, j: np.ndarray) -> tuple[np.ndarra
         lm, lmp = (float(v) for v in lnfact(np.array([m, mp])))
         t = jj * (math.log(p) - math.log(1 - p))
         val[d] = t - lk - lkp + lm + lmp
-        err[d] = _REL * (1.0 + np.abs(t) + np.abs(lk) + np.abs(lkp) + abs(lm) + abs(lmp))
+        err[d] = 4 * _STIRLING + _REL * (1.0 + np.abs(t) + np.abs(lk) + np.abs(lkp) + abs(lm) + abs(lmp))
     return val, err
 
 
@@ -340,7 +341,7 @@ def nb_logf(r: Fraction, scale: Fraction, k: np.ndarray) -> tuple[np.ndarray, np
         t3 = _stirling_tail(w + dd) - _stirling_tail(w)
         tk = (w - 1.0) / sf
         val[big] = t1 + t2 - dd + t3 - lg_r - tk
-        err[big] = _REL * (1.0 + np.abs(t1) + np.abs(t2) + abs(lg_r) + tk)
+        err[big] = _STIRLING + _REL * (1.0 + np.abs(t1) + np.abs(t2) + abs(lg_r) + tk)
     return val, err
 
 
