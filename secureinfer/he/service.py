@@ -159,7 +159,12 @@ class HEService:
         return m
 
     def max_batch_pack(self, m: ServedModel) -> int:
-        return min(self.limits.max_batch_pack, m.recommended.slots)
+        """Largest power-of-two batch pack within the limits at the recommended N."""
+        slots = m.recommended.slots
+        bp = 1 << (min(self.limits.max_batch_pack, slots).bit_length() - 1)
+        while bp > 1 and m.plan(slots, bp).input.n_ct > self.limits.max_input_ciphertexts:
+            bp //= 2
+        return bp
 
     # ------------------------------------------------------------------ sessions
 
