@@ -1,7 +1,7 @@
 """Benchmark exact ring matmul/conv2d (secureinfer.ring) against one float64 op of the same shape.
 
-Prints one JSON line per case: absolute times in microseconds (median of repeats, each
-repeat timing a batch of calls) of the float64 op, the ring op with a prepared right
+Prints one JSON line per case: absolute times in microseconds (best of interleaved
+repeats, each timing a batch of calls) of the float64 op, the ring op with a prepared right
 operand / weight, the ring op without, and ``prepare`` alone, plus the ratios
 ring / float64. The product target is a ratio <= ~15; tiny shapes are bound by per-call
 overhead, so read their absolute times too.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,29 +30,38 @@ MATMUL_CASES = [((1, 784), (784, 128)), ((100, 784), (784, 128)), ((128, 128), (
 CONV_CASES = [((1, 1, 28, 28), (16, 1, 5, 5)), ((32, 16, 12, 12), (16, 16, 5, 5))]
 
 
-def timeit(fn: Callable[[], Any], *, seconds: float, device: torch.device) -> float:
-    """Median microseconds per call of ``fn`` over about ``seconds`` of repeats."""
+def timeit(fns: dict[str, Callable[[], Any]], *, seconds: float, device: torch.device) -> dict[str, float]:
+    """Microseconds per call of each function: best of interleaved repeats.
+
+    The functions take turns inside every repeat so that load from other processes hits
+    all of them alike; the best repeat is the one least disturbed by that load.
+    """
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    once = max(time.perf_counter() - t0, 1e-6)
-    inner = max(1, int(0.02 / once))  # calls per repeat: about 20 ms
-    reps = max(5, min(50, int(seconds / (once * inner))))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
+    inner: dict[str, int] = {}
+    total = 0.0
+    for name, fn in fns.items():
+        fn()
         sync()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e6
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        once = max(time.perf_counter() - t0, 1e-6)
+        inner[name] = max(1, int(0.01 / once))  # calls per repeat: about 10 ms
+        total += once * inner[name]
+    reps = max(5, min(100, int(seconds / total)))
+    best = {name: math.inf for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner[name]):
+                fn()
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - t0) / inner[name])
+    return {name: v * 1e6 for name, v in best.items()}
 
 
 def ring_data(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -72,8 +81,7 @@ def bench_case(kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: 
         pb = ring.prepare_conv2d(b)
         f64, prep = (lambda: F.conv2d(af, bf)), (lambda: ring.prepare_conv2d(b))
         fast, slow = (lambda: ring.conv2d(a, pb)), (lambda: ring.conv2d(a, b))
-    t = {name: timeit(fn, seconds=seconds, device=device) for name, fn in
-         (("float64", f64), ("prepared", fast), ("unprepared", slow), ("prepare", prep))}
+    t = timeit({"float64": f64, "prepared": fast, "unprepared": slow, "prepare": prep}, seconds=seconds, device=device)
     return {
         "case": kind,
         "a": list(sa),
@@ -93,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seconds", type=float, default=0.5, help="time budget per measurement")
+    ap.add_argument("--seconds", type=float, default=2.0, help="time budget per case")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
