@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ class SealIO:
         base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         self._dir = Path(tempfile.mkdtemp(prefix="secureinfer-he-", dir=base))
         os.chmod(self._dir, 0o700)
+        # removed at close(), or when this object is collected / the interpreter exits
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
 
     def _path(self) -> str:
         # uuid4 only names a scratch file (not a secret)
@@ -74,7 +77,7 @@ class SealIO:
         return self._load(sa.GaloisKeys(), seal_context, data, "Galois keys")
 
     def close(self) -> None:
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._finalizer()
 
     def __enter__(self) -> SealIO:
         return self

@@ -13,6 +13,10 @@ the bytes on the wire). What leaves the client:
   plan needs (two per linear layer), not TenSEAL's default all-powers-of-two set;
 * ciphertexts (:meth:`encrypt`).
 
+Randomness: the secret key, the keys derived from it and the encryption noise come from
+SEAL's own CSPRNG (Blake2xb seeded from the operating system), inside TenSEAL; nothing
+here draws secret randomness itself.
+
 :func:`context_has_secret_key` parses TenSEAL's ``TenSEALContextProto`` wire bytes
 (field 3 ``private_context``, sub-field 1 ``secret_key``) without deserialising: the
 server refuses any context that carries one, and the tests check the bytes a server

@@ -76,7 +76,7 @@ class Recorder(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIntercept
 
 @pytest.fixture(scope="module")
 def digits():
-    model, _, x_te, _, y_te = train_digits_he(kind="cnn", epochs=12)
+    model, _, x_te, _, y_te = train_digits_he(kind="cnn", epochs=6)
     return model, x_te, y_te
 
 
