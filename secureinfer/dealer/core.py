@@ -1,38 +1,50 @@
-"""The dealer's logic, independent of gRPC: model registry, session assignment, pools.
+"""The dealer's logic, independent of gRPC: model registry, pools of material, binding.
+
+The dealer process (``dealer/server.py``) wraps this in gRPC; it lives in the process
+layer, so unlike ``dealer/material.py`` it may use the engine's planner to derive what a
+model needs from its public graph.
 
 * ``register``: a party announces a deployment's public graph. The dealer derives every
   party's *model seed* from its master key (HKDF, label ``model/<deployment>/<party>``),
-  from which the fixed weight masks ``B`` of the deployment are expanded; it returns the
-  calling party's seed only. Registration is idempotent and stateless across dealer
-  restarts: the seeds are re-derived, and a party that meets NOT_FOUND re-registers.
-* ``fetch``: the first party to ask for session ``S`` binds a bundle set to ``S`` (taken
-  from the pool generated ahead of time, or generated now); every party receives its own
-  bundle of that set exactly once — a second fetch of the same part is refused, so no
-  correlated randomness is ever used twice. A set is forgotten once every party has
-  fetched it, or after ``session_ttl_s``.
-* A background thread keeps ``pool_size`` bundle sets ready per (deployment, batch,
-  purpose) that has been requested, so online latency does not wait for generation when
-  requests are spaced out.
+  from which the fixed weight masks ``B`` are expanded, and returns the calling party's
+  seed only. Registration is idempotent and survives dealer restarts (the seeds are
+  re-derived; a party that meets NOT_FOUND re-registers by itself).
+* Material comes in *sets*: one bundle per party for one request of a given
+  (deployment, batch, purpose), generated ahead of time by a background thread and
+  serialized once. A set is used for exactly one session.
+* ``prefetch``: a party collects its part of pooled sets ahead of requests (the transfer
+  and parsing leave the request path).
+* ``bind``: at request time each party asks which set its session uses; the first caller
+  binds the session to a set that *every* party already holds. If there is none, the
+  parties fall back to ``fetch``, which binds a set nobody has prefetched (or generates
+  one) and serves each party its part.
+* Every part is served to its party at most once, and a session is bound at most once,
+  so no correlated randomness is ever used twice. Bound sessions and prefetched but
+  unbound sets expire (``session_ttl_s`` / ``set_ttl_s``).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
-import torch
-
-from secureinfer.dealer.material import BundleBuilder, PartyBundle
+from secureinfer.dealer.material import BundleBuilder
+from secureinfer.dealer.wire import bundle_to_bytes
+from secureinfer.engine.ops import OPS
 from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError
 from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed
 
-__all__ = ["DealerCore"]
+__all__ = ["DealerCore", "PURPOSES"]
 
 PURPOSES = ("logits", "argmax")
 MAX_BATCH = 4096
+_Key = tuple[str, int, str]
 
 
 @dataclass
@@ -41,28 +53,45 @@ class _Model:
     digest: str
     n_parties: int
     seeds: list[bytes]
-    masks: dict[str, torch.Tensor]
-    batches: set[tuple[int, str]] = field(default_factory=set)
+    masks: dict[str, Any]  # prepared fixed masks B, keyed "<node>/<attr>"
+    wanted: dict[tuple[int, str], float] = field(default_factory=dict)  # (batch, purpose) -> last use
 
 
 @dataclass
-class _Assigned:
-    parts: list[PartyBundle | None]
+class _Set:
+    set_id: str
+    parts: list[bytes | None]  # serialized bundle per party; None once handed out
+    created: float
+    delivered: set[int] = field(default_factory=set)  # parties that prefetched their part
+
+
+@dataclass
+class _Binding:
+    set: _Set
+    served: set[int]
     created: float
 
 
 class DealerCore:
-    def __init__(self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0) -> None:
+    def __init__(
+        self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 60.0,
+        wanted_ttl_s: float = 600.0,
+    ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
         self._master = master_key
         self.pool_size = pool_size
         self.session_ttl_s = session_ttl_s
+        self.set_ttl_s = set_ttl_s
+        self.wanted_ttl_s = wanted_ttl_s
         self._lock = threading.Condition()
         self._models: dict[str, _Model] = {}
-        self._pools: dict[tuple[str, int, str], list[list[PartyBundle]]] = {}
-        self._sessions: dict[str, _Assigned] = {}
-        self.counters: dict[str, int] = {"bundles_generated": 0, "bundles_served": 0, "pool_hits": 0}
+        self._pools: dict[_Key, OrderedDict[str, _Set]] = {}
+        self._sessions: dict[str, _Binding] = {}
+        self.counters: dict[str, int] = {
+            "sets_generated": 0, "parts_prefetched": 0, "parts_fetched": 0, "binds_prefetched": 0,
+            "binds_fallback": 0, "sets_expired": 0,
+        }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,16 +104,22 @@ class DealerCore:
         graph = Graph.from_public_json(graph_json)
         with self._lock:
             m = self._models.get(deployment_id)
-            if m is None:
-                seeds = [derive_seed(self._master, f"model/{deployment_id}/{p}") for p in range(n_parties)]
-                b = BundleBuilder(n_parties, seeds=seeds)
-                masks = {key: b.random(f"{key}/B", shape) for key, shape in fixed_operand_shapes(graph).items()}
-                m = _Model(graph, graph.digest(), n_parties, seeds, masks)
-                m.batches.add((1, "logits"))
-                self._models[deployment_id] = m
-                self._lock.notify_all()
-            elif m.digest != graph.digest() or m.n_parties != n_parties:
-                raise InvalidArgumentError(f"deployment {deployment_id} was registered with a different graph")
+            if m is not None:
+                if m.digest != graph.digest() or m.n_parties != n_parties:
+                    raise InvalidArgumentError(f"deployment {deployment_id} was registered with a different graph")
+                return m.digest, m.seeds[party_id]
+        seeds = [derive_seed(self._master, f"model/{deployment_id}/{p}") for p in range(n_parties)]
+        b = BundleBuilder(n_parties, seeds=seeds)
+        nodes = {n.name: n for n in graph.nodes}
+        masks: dict[str, Any] = {}
+        for key, shape in fixed_operand_shapes(graph).items():
+            node_name, attr = key.rsplit("/", 1)
+            node = nodes[node_name]
+            masks[key] = OPS[node.op].prepare(node, attr, b.random(f"{key}/B", shape))
+        with self._lock:
+            m = self._models.setdefault(deployment_id, _Model(graph, graph.digest(), n_parties, seeds, masks))
+            m.wanted.setdefault((1, "logits"), time.monotonic())
+            self._lock.notify_all()
             return m.digest, m.seeds[party_id]
 
     def release(self, deployment_id: str) -> None:
@@ -93,63 +128,121 @@ class DealerCore:
             for key in [k for k in self._pools if k[0] == deployment_id]:
                 del self._pools[key]
 
-    # ------------------------------------------------------------------ material
-    def _generate(self, m: _Model, batch: int, purpose: str) -> list[PartyBundle]:
-        plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax")
-        b = BundleBuilder(m.n_parties)
-        generate_request_material(plan, b, m.masks)
-        return [b.party_bundle(p) for p in range(m.n_parties)]
+    def _model(self, deployment_id: str, party_id: int) -> _Model:
+        m = self._models.get(deployment_id)
+        if m is None:
+            raise NotFoundError(f"deployment {deployment_id} is not registered with the dealer")
+        if not 0 <= party_id < m.n_parties:
+            raise InvalidArgumentError(f"party {party_id} not in this deployment")
+        return m
 
-    def fetch(self, deployment_id: str, session_id: str, *, party_id: int, batch: int, purpose: str) -> PartyBundle:
+    @staticmethod
+    def _check(batch: int, purpose: str, session_id: str | None = None) -> None:
         if purpose not in PURPOSES:
             raise InvalidArgumentError(f"unknown purpose {purpose!r}; one of {PURPOSES}")
         if not 1 <= batch <= MAX_BATCH:
             raise InvalidArgumentError(f"batch {batch} outside 1..{MAX_BATCH}")
-        if not session_id or len(session_id) > 128:
+        if session_id is not None and not 0 < len(session_id) <= 128:
             raise InvalidArgumentError("session_id must be 1..128 characters")
+
+    # ------------------------------------------------------------------ material
+    def _generate(self, m: _Model, batch: int, purpose: str) -> _Set:
+        plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax")
+        b = BundleBuilder(m.n_parties)
+        generate_request_material(plan, b, m.masks)
+        parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
+        with self._lock:
+            self.counters["sets_generated"] += 1
+        return _Set(uuid.uuid4().hex, parts, time.monotonic())
+
+    def prefetch(self, deployment_id: str, *, party_id: int, batch: int, purpose: str) -> tuple[str, bytes] | None:
+        """This party's part of the oldest pooled set it does not hold yet, or None."""
+        self._check(batch, purpose)
         with self._lock:
             self._expire()
-            m = self._models.get(deployment_id)
-            if m is None:
-                raise NotFoundError(f"deployment {deployment_id} is not registered with the dealer")
-            if not 0 <= party_id < m.n_parties:
-                raise InvalidArgumentError(f"party {party_id} not in this deployment")
-            a = self._sessions.get(session_id)
-            if a is None:
-                key = (deployment_id, batch, purpose)
-                m.batches.add((batch, purpose))
-                pool = self._pools.get(key)
-                parts = pool.pop() if pool else None
-                if parts is not None:
-                    self.counters["pool_hits"] += 1
-                self._lock.notify_all()
-            else:
-                parts = None
-        if a is None:
-            if parts is None:
-                parts = self._generate(m, batch, purpose)
-                with self._lock:
-                    self.counters["bundles_generated"] += 1
-            with self._lock:
-                a = self._sessions.get(session_id)
-                if a is None:  # we won the race to bind this session
-                    a = self._sessions[session_id] = _Assigned(list(parts), time.monotonic())
-                else:  # another party bound it meanwhile; return our set to the pool
-                    self._pools.setdefault((deployment_id, batch, purpose), []).append(parts)
+            m = self._model(deployment_id, party_id)
+            m.wanted[(batch, purpose)] = time.monotonic()
+            self._lock.notify_all()
+            for s in self._pools.get((deployment_id, batch, purpose), {}).values():
+                part = s.parts[party_id]
+                if party_id not in s.delivered and part is not None:
+                    s.delivered.add(party_id)
+                    s.parts[party_id] = None
+                    self.counters["parts_prefetched"] += 1
+                    return s.set_id, part
+        return None
+
+    def bind(self, deployment_id: str, session_id: str, *, party_id: int, batch: int, purpose: str) -> str:
+        """The set of ``session_id`` if every party holds it already, else ``""``."""
+        self._check(batch, purpose, session_id)
         with self._lock:
-            part = a.parts[party_id]
-            if part is None:
+            self._expire()
+            m = self._model(deployment_id, party_id)
+            m.wanted[(batch, purpose)] = time.monotonic()
+            b = self._sessions.get(session_id)
+            if b is None:
+                pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
+                ready = next((s for s in pool.values() if len(s.delivered) == m.n_parties), None)
+                if ready is None:
+                    return ""
+                del pool[ready.set_id]
+                b = self._sessions[session_id] = _Binding(ready, set(), time.monotonic())
+                self.counters["binds_prefetched"] += 1
+                self._lock.notify_all()
+            if party_id in b.served:
+                raise ProtocolError(f"session {session_id} was already bound for party {party_id}")
+            if party_id not in b.set.delivered:
+                return ""  # bound by a fallback fetch: this party fetches its part
+            b.served.add(party_id)
+            self._forget_if_done(session_id, b, m.n_parties)
+            return b.set.set_id
+
+    def fetch(self, deployment_id: str, session_id: str, *, party_id: int, batch: int, purpose: str) -> tuple[str, bytes]:
+        """Bind (if needed) and return this party's part of the session's set."""
+        self._check(batch, purpose, session_id)
+        with self._lock:
+            self._expire()
+            m = self._model(deployment_id, party_id)
+            m.wanted[(batch, purpose)] = time.monotonic()
+            b = self._sessions.get(session_id)
+            if b is None:
+                pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
+                fresh = next((s for s in pool.values() if not s.delivered), None)
+                if fresh is not None:
+                    del pool[fresh.set_id]
+        if b is None:
+            s = fresh if fresh is not None else self._generate(m, batch, purpose)
+            with self._lock:
+                b = self._sessions.get(session_id)
+                if b is None:
+                    b = self._sessions[session_id] = _Binding(s, set(), time.monotonic())
+                    self.counters["binds_fallback"] += 1
+                else:  # another party bound it meanwhile: keep our set for later
+                    self._pools.setdefault((deployment_id, batch, purpose), OrderedDict())[s.set_id] = s
+        with self._lock:
+            part = b.set.parts[party_id]
+            if party_id in b.served or part is None:
                 raise ProtocolError(f"material of session {session_id} was already served to party {party_id}")
-            a.parts[party_id] = None
-            if all(p is None for p in a.parts):
-                self._sessions.pop(session_id, None)
-            self.counters["bundles_served"] += 1
-            return part
+            b.set.parts[party_id] = None
+            b.served.add(party_id)
+            self.counters["parts_fetched"] += 1
+            self._forget_if_done(session_id, b, m.n_parties)
+            return b.set.set_id, part
+
+    def _forget_if_done(self, session_id: str, b: _Binding, n: int) -> None:
+        if len(b.served) == n:
+            # keep the binding (without material) until it expires, so a replayed
+            # session id is refused instead of being bound to a new set
+            b.set.parts = [None] * n
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for sid in [s for s, a in self._sessions.items() if now - a.created > self.session_ttl_s]:
+        for sid in [s for s, b in self._sessions.items() if now - b.created > self.session_ttl_s]:
             del self._sessions[sid]
+        for pool in self._pools.values():
+            for sid in [k for k, s in pool.items() if s.delivered and now - s.created > self.set_ttl_s]:
+                del pool[sid]  # parties drop unbound prefetched parts after a longer TTL
+                self.counters["sets_expired"] += 1
 
     # ------------------------------------------------------------------ pool thread
     def start(self) -> None:
@@ -162,25 +255,29 @@ class DealerCore:
         with self._lock:
             self._lock.notify_all()
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=10)
 
     def _next_job(self) -> tuple[_Model, str, int, str] | None:
+        now = time.monotonic()
         for dep, m in self._models.items():
-            for batch, purpose in sorted(m.batches):
-                if len(self._pools.get((dep, batch, purpose), [])) < self.pool_size:
+            for (batch, purpose), last in sorted(m.wanted.items()):
+                if now - last > self.wanted_ttl_s:
+                    continue
+                if len(self._pools.get((dep, batch, purpose), {})) < self.pool_size:
                     return m, dep, batch, purpose
         return None
 
     def _refill_loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
+                self._expire()
                 job = self._next_job()
                 if job is None:
                     self._lock.wait(timeout=1.0)
                     continue
             m, dep, batch, purpose = job
-            parts = self._generate(m, batch, purpose)
+            s = self._generate(m, batch, purpose)
             with self._lock:
-                if dep in self._models:
-                    self._pools.setdefault((dep, batch, purpose), []).append(parts)
-                    self.counters["bundles_generated"] += 1
+                if self._models.get(dep) is m:
+                    self._pools.setdefault((dep, batch, purpose), OrderedDict())[s.set_id] = s
+                    self._lock.notify_all()

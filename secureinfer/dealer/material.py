@@ -103,6 +103,8 @@ class PartyBundle:
         self.seed = seed
         self.tensors = dict(tensors or {})
         self.blobs = dict(blobs or {})
+        #: input-independent partial results a party computed ahead of the request
+        self.precomputed: dict[str, torch.Tensor] = {}
 
     def share(self, name: str, shape: Shape) -> torch.Tensor:
         """This party's share of item ``name``: its correction if it has one, else expanded."""

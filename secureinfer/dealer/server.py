@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from secureinfer.config import ROLE_PARTY, Topology
+from secureinfer.config import ROLE_OWNER, ROLE_PARTY, Topology
 from secureinfer.dealer.core import DealerCore
 from secureinfer.dealer.wire import bundle_to_bytes
 from secureinfer.errors import PermissionDeniedError, SecureInferError
@@ -82,15 +82,37 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
 
         return self._guard(ctx, "register", run)
 
+    def _chunks(self, set_id: str, data: bytes) -> list[dealer_pb2.MaterialChunk]:
+        parts = split_chunks(data, self.s.settings.chunk_bytes)
+        return [dealer_pb2.MaterialChunk(chunk_index=i, chunk_count=len(parts), data=p, set_id=set_id)
+                for i, p in enumerate(parts)]
+
     def Fetch(self, req: dealer_pb2.FetchRequest, ctx: grpc.ServicerContext) -> Any:
         def run() -> list[dealer_pb2.MaterialChunk]:
             self._party(ctx, req.party_id)
-            bundle = self.s.core.fetch(req.deployment_id, req.session_id, party_id=req.party_id,
-                                       batch=req.batch, purpose=req.purpose or "logits")
-            parts = split_chunks(bundle_to_bytes(bundle), self.s.settings.chunk_bytes)
-            return [dealer_pb2.MaterialChunk(chunk_index=i, chunk_count=len(parts), data=p) for i, p in enumerate(parts)]
+            set_id, data = self.s.core.fetch(req.deployment_id, req.session_id, party_id=req.party_id,
+                                             batch=req.batch, purpose=req.purpose or "logits")
+            return self._chunks(set_id, data)
 
         yield from self._guard(ctx, "fetch", run)
+
+    def Prefetch(self, req: dealer_pb2.PrefetchRequest, ctx: grpc.ServicerContext) -> Any:
+        def run() -> list[dealer_pb2.MaterialChunk]:
+            self._party(ctx, req.party_id)
+            got = self.s.core.prefetch(req.deployment_id, party_id=req.party_id, batch=req.batch,
+                                       purpose=req.purpose or "logits")
+            return [] if got is None else self._chunks(*got)
+
+        yield from self._guard(ctx, "prefetch", run)
+
+    def Bind(self, req: dealer_pb2.BindRequest, ctx: grpc.ServicerContext) -> Any:
+        def run() -> dealer_pb2.BindResponse:
+            self._party(ctx, req.party_id)
+            set_id = self.s.core.bind(req.deployment_id, req.session_id, party_id=req.party_id, batch=req.batch,
+                                      purpose=req.purpose or "logits")
+            return dealer_pb2.BindResponse(set_id=set_id)
+
+        return self._guard(ctx, "bind", run)
 
     def Release(self, req: dealer_pb2.ReleaseRequest, ctx: grpc.ServicerContext) -> Any:
         def run() -> dealer_pb2.ReleaseResponse:
@@ -101,7 +123,11 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
         return self._guard(ctx, "release", run)
 
     def Stats(self, req: Any, ctx: grpc.ServicerContext) -> Any:
-        return dealer_pb2.StatsResponse(counters=dict(self.s.core.counters))
+        def run() -> dealer_pb2.StatsResponse:
+            tls.require_role(ctx, ROLE_PARTY, ROLE_OWNER, insecure_metadata=not self.s.settings.tls)
+            return dealer_pb2.StatsResponse(counters=dict(self.s.core.counters))
+
+        return self._guard(ctx, "stats", run)
 
 
 class DealerServer:
@@ -132,6 +158,9 @@ class DealerServer:
 
 
 def serve(topology: Topology) -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("SECUREINFER_TORCH_THREADS", "1")))
     server = DealerServer(topology)
     server.start()
     done = threading.Event()

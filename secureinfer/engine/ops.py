@@ -29,7 +29,7 @@ from secureinfer import ring
 from secureinfer.dealer.material import BundleBuilder, PartyBundle, gate_material, linear_material, trunc_material
 from secureinfer.errors import ShapeError
 from secureinfer.graph.ir import Node
-from secureinfer.protocols.arith import linear_fixed, truncate
+from secureinfer.protocols.arith import linear_fixed, linear_offline, truncate
 from secureinfer.protocols.compare import argmax_material_shapes, argmax_onehot, gate, gate_params, max_pair
 from secureinfer.protocols.session import Session
 
@@ -149,13 +149,20 @@ class _FixedBilinear(SecureOp):
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
         fo = fixed["weight"]
         y = linear_fixed(s, xs[0], bundle=bundle, name=name, public_mask_diff=fo.public, local_operand=fo.local,
-                         op=self.bilinear_prepared(node), out_shape=out.shape)
+                         op=self.bilinear_prepared(node), out_shape=out.shape, offline=bundle.precomputed.get(name))
         if node.attrs.get("bias"):
             y = y + self.bias_view(node, shares[node.attrs["bias"]], y.dim())
         return y
 
     def bilinear_prepared(self, node: Node) -> Callable[[torch.Tensor, Any], torch.Tensor]:
         return self.bilinear(node)
+
+    def precompute(self, bundle: PartyBundle, name: str, node: Node, ins: Sequence[ValueSpec], out: ValueSpec,
+                   fixed: dict[str, FixedOperand]) -> None:
+        """Ahead of a request: the input-independent part of the layer (one ring product)."""
+        bundle.precomputed[name] = linear_offline(
+            bundle, name=name, in_shape=ins[0].shape, out_shape=out.shape,
+            public_mask_diff=fixed["weight"].public, op=self.bilinear_prepared(node))
 
     def bias_view(self, node: Node, b: torch.Tensor, ndim: int) -> torch.Tensor:
         return b

@@ -17,7 +17,7 @@ from secureinfer.errors import ProtocolError
 from secureinfer.graph.ir import Graph
 from secureinfer.protocols.session import Session
 
-__all__ = ["PartyModel", "encode_params", "open_masks", "run_plan"]
+__all__ = ["PartyModel", "encode_params", "open_masks", "precompute", "run_plan"]
 
 
 def encode_params(graph: Graph) -> dict[str, torch.Tensor]:
@@ -89,3 +89,12 @@ def run_plan(session: Session, plan: Plan, model: PartyModel, bundle: PartyBundl
         env[s.name] = op.run(session, bundle, s.name, s.node, xs, s.ins, s.out, plan.ctx,
                              model.fixed.get(s.node.name, {}), model.shares)
     return {k: env[v] for k, v in plan.outputs.items()}
+
+
+def precompute(plan: Plan, model: PartyModel, bundle: PartyBundle) -> None:
+    """Ahead of a request: every input-independent partial result the plan allows."""
+    for s in plan.steps:
+        op = OPS[s.node.op]
+        pre = getattr(op, "precompute", None)
+        if pre is not None and s.node.name in model.fixed:
+            pre(bundle, s.name, s.node, s.ins, s.out, model.fixed[s.node.name])

@@ -33,7 +33,7 @@ from secureinfer.config import ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, ROLE_PARTY
 from secureinfer.dealer.material import PartyBundle
 from secureinfer.dealer.wire import bundle_from_bytes
 from secureinfer.engine.plan import Plan, compile_plan
-from secureinfer.engine.runner import PartyModel, open_masks, run_plan
+from secureinfer.engine.runner import PartyModel, open_masks, precompute, run_plan
 from secureinfer.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -43,10 +43,11 @@ from secureinfer.errors import (
 )
 from secureinfer.graph.ir import Graph
 from secureinfer.log import Logger
+from secureinfer.party.material import MaterialCache, read_chunks
 from secureinfer.party.store import ModelRecord, ModelStore, check_name
 from secureinfer.protocols.session import Session
 from secureinfer.transport import tls
-from secureinfer.transport.codec import Reassembler, share_from_proto, tensor_to_proto
+from secureinfer.transport.codec import share_from_proto, tensor_to_proto
 from secureinfer.transport.grpc import GrpcTransport
 from secureinfer.v1 import common_pb2, dealer_pb2, dealer_pb2_grpc, party_pb2, party_pb2_grpc
 
@@ -73,7 +74,7 @@ class LoadedModel:
 
 
 class PartyServer:
-    def __init__(self, topology: Topology, party_id: int, *, max_workers: int = 64) -> None:
+    def __init__(self, topology: Topology, party_id: int, *, max_workers: int = 64, prefetch_depth: int = 2) -> None:
         self.topology = topology
         self.party_id = party_id
         self.me = topology.party(party_id)
@@ -85,6 +86,7 @@ class PartyServer:
         self._insecure = not self.settings.tls
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], LoadedModel] = {}
+        self._by_deployment: dict[str, LoadedModel] = {}
         self._dealer_channel = tls.open_channel(
             topology.dealer.address, settings=self.settings, cert=self.me.cert, key=self.me.key
         )
@@ -93,6 +95,11 @@ class PartyServer:
             p.id: tls.open_channel(p.address, settings=self.settings, cert=self.me.cert, key=self.me.key)
             for p in topology.peers(party_id)
         }
+        self.cache = MaterialCache(
+            party_id=party_id, dealer=self.dealer, prepare=self._prepare_material,
+            rpc_timeout_s=self.settings.rpc_timeout_s, max_bytes=self.settings.max_message_bytes * 64,
+            depth=prefetch_depth, log=self.log,
+        )
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"party{party_id}"),
             options=tls.server_options(self.settings),
@@ -108,11 +115,13 @@ class PartyServer:
     def start(self) -> None:
         self._load_models()
         self._server.start()
+        self.cache.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.log.info("listening", address=self.me.address, models=len(self._models))
 
     def stop(self, grace: float = 2.0) -> None:
         self._health.enter_graceful_shutdown()
+        self.cache.stop()
         self._server.stop(grace).wait(grace + 1)
         self.transport.close()
         self._dealer_channel.close()
@@ -138,7 +147,16 @@ class PartyServer:
         lm = LoadedModel(rec, graph, pm)
         with self._lock:
             self._models[(rec.name, rec.version)] = lm
+            self._by_deployment[rec.deployment_id] = lm
+        self.cache.want((rec.deployment_id, 1, "logits"))
         return lm
+
+    def _prepare_material(self, key: tuple[str, int, str], bundle: PartyBundle) -> None:
+        """Prefetcher hook: precompute the input-independent parts of a cached set."""
+        with self._lock:
+            lm = self._by_deployment.get(key[0])
+        if lm is not None:
+            precompute(lm.plan(key[1], key[2] == "argmax", self.n), lm.model, bundle)
 
     def model(self, name: str, version: str = "") -> LoadedModel:
         with self._lock:
@@ -165,23 +183,33 @@ class PartyServer:
         )
         return self._rpc(self.dealer.RegisterModel, req, "register").model_seed
 
-    def fetch_material(self, lm: LoadedModel, session_id: str, batch: int, purpose: str) -> PartyBundle:
-        req = dealer_pb2.FetchRequest(
-            deployment_id=lm.record.deployment_id, session_id=session_id, party_id=self.party_id,
-            batch=batch, purpose=purpose,
-        )
+    def material(self, lm: LoadedModel, session_id: str, batch: int, purpose: str) -> PartyBundle:
+        """This session's dealer material: a prefetched set if the dealer binds one, else fetched."""
+        dep = lm.record.deployment_id
+        key = (dep, batch, purpose)
+        self.cache.want(key)
+        bind = dealer_pb2.BindRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
+                                      batch=batch, purpose=purpose)
+        set_id = self._dealer_call(lambda: self.dealer.Bind(bind, timeout=self.settings.rpc_timeout_s).set_id, lm)
+        if set_id:
+            bundle = self.cache.take(key, set_id)
+            if bundle is not None:
+                return bundle
+        req = dealer_pb2.FetchRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
+                                      batch=batch, purpose=purpose)
+        got = self._dealer_call(lambda: read_chunks(self.dealer.Fetch(req, timeout=self.settings.rpc_timeout_s),
+                                                    max_bytes=self.settings.max_message_bytes * 64), lm)
+        if got is None:
+            raise ProtocolError("dealer sent no material")
+        return bundle_from_bytes(got[1], party_id=self.party_id)
+
+    def _dealer_call(self, fn: Any, lm: LoadedModel) -> Any:
+        """Call the dealer; after a dealer restart (NOT_FOUND) re-register once and retry."""
         for attempt in (0, 1):
             try:
-                re_ = Reassembler(max_bytes=self.settings.max_message_bytes * 64)
-                data = None
-                for chunk in self.dealer.Fetch(req, timeout=self.settings.rpc_timeout_s):
-                    data = re_.add(session_id, chunk.chunk_index, chunk.chunk_count, chunk.data) or data
-                if data is None:
-                    raise ProtocolError("dealer sent no material")
-                return bundle_from_bytes(data, party_id=self.party_id)
+                return fn()
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    # the dealer restarted: its model seeds are re-derived on registration
                     self.register_with_dealer(lm.record.deployment_id, lm.record.graph_json)
                     continue
                 raise tls.error_from_rpc_error(err, peer=f"dealer at {self.topology.dealer.address}") from None
@@ -213,7 +241,7 @@ class PartyServer:
         )
         try:
             t_off = time.perf_counter()
-            bundle = self.fetch_material(lm, sid, batch, "argmax" if argmax else "logits")
+            bundle = self.material(lm, sid, batch, "argmax" if argmax else "logits")
             session.costs.offline_ms = (time.perf_counter() - t_off) * 1e3
             session.costs.bytes_offline = bundle.nbytes
             plan = lm.plan(batch, argmax, self.n)
@@ -280,6 +308,8 @@ class PartyServer:
         self.store.remove(lm.record.name, lm.record.version)
         with self._lock:
             self._models.pop((lm.record.name, lm.record.version), None)
+            self._by_deployment.pop(lm.record.deployment_id, None)
+        self.cache.forget(lm.record.deployment_id)
         try:
             self.dealer.Release(dealer_pb2.ReleaseRequest(deployment_id=lm.record.deployment_id),
                                 timeout=self.settings.rpc_timeout_s)
@@ -441,6 +471,12 @@ class _Admin(party_pb2_grpc.ModelAdminServicer):
 
 def serve(topology: Topology, party_id: int) -> None:
     """Run party ``party_id`` until SIGTERM/SIGINT."""
+    import os
+
+    # one intra-op thread: parties are latency-bound, and extra threads contend with the
+    # peer process and the dealer on the same host (measured: 2 threads doubled and
+    # destabilized compute times on a 2-core machine)
+    torch.set_num_threads(int(os.environ.get("SECUREINFER_TORCH_THREADS", "1")))
     server = PartyServer(topology, party_id)
     server.start()
     done = threading.Event()

@@ -15,7 +15,7 @@ from secureinfer import ring
 from secureinfer.dealer.material import PartyBundle
 from secureinfer.protocols.session import Session
 
-__all__ = ["beaver_mul", "linear_fixed", "truncate", "TRUNC_ELL"]
+__all__ = ["beaver_mul", "linear_fixed", "linear_offline", "truncate", "TRUNC_ELL"]
 
 # Offset exponent of plain truncation: x + 2^62 is non-negative for |x| < 2^62.
 TRUNC_ELL = 62
@@ -50,6 +50,7 @@ def linear_fixed(
     local_operand: object,
     op: Callable[[torch.Tensor, object], torch.Tensor],
     out_shape: tuple[int, ...],
+    offline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[op(X, W)]`` for a secret input and secret *fixed* weights with a fixed mask.
 
@@ -63,12 +64,24 @@ def linear_fixed(
     since op is bilinear and ``X = D + A``, ``W = E + B``. ``local_operand`` is this
     party's ``[B] (+ E for party 0)``, prepared once for fast exact ring products.
     Cost: 1 round; 8 bytes per input element per peer — the weight-sized opening of a
-    plain Beaver product disappears.
+    plain Beaver product disappears. ``op([A], E) + [C]`` depends only on dealer
+    material, so a party that holds the material early passes it as ``offline`` (see
+    :func:`linear_offline`) and does one ring product online.
     """
     a = bundle.share(f"{name}/A", x.shape)
-    c = bundle.share(f"{name}/C", out_shape)
     d = session.open_one(x - a)
-    return op(d, local_operand) + op(a, public_mask_diff) + c
+    if offline is None:
+        offline = linear_offline(bundle, name=name, in_shape=tuple(x.shape), out_shape=out_shape,
+                                 public_mask_diff=public_mask_diff, op=op)
+    return op(d, local_operand) + offline
+
+
+def linear_offline(
+    bundle: PartyBundle, *, name: str, in_shape: tuple[int, ...], out_shape: tuple[int, ...],
+    public_mask_diff: object, op: Callable[[torch.Tensor, object], torch.Tensor],
+) -> torch.Tensor:
+    """The input-independent part ``op([A], E) + [C]`` of :func:`linear_fixed`."""
+    return op(bundle.share(f"{name}/A", in_shape), public_mask_diff) + bundle.share(f"{name}/C", out_shape)
 
 
 def truncate(session: Session, x: torch.Tensor, *, bundle: PartyBundle, name: str, frac: int) -> torch.Tensor:

@@ -24,6 +24,8 @@ local debugging only and provides no security at all.
 
 from __future__ import annotations
 
+import functools
+
 import os
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
@@ -210,7 +212,7 @@ def peer_identity(context: grpc.ServicerContext, *, insecure_metadata: bool = Fa
     auth = context.auth_context() or {}
     pems = auth.get("x509_pem_cert") or []
     if pems:
-        name, role = load_identity_role(pems[0])
+        name, role = _identity_of(bytes(pems[0]))
         return PeerIdentity(name, role)
     if insecure_metadata:
         for k, v in context.invocation_metadata() or ():
@@ -222,6 +224,12 @@ def peer_identity(context: grpc.ServicerContext, *, insecure_metadata: bool = Fa
                 raise UnauthenticatedError(f"malformed {IDENTITY_METADATA_KEY} header {text!r}")
         raise UnauthenticatedError(f"no client certificate and no {IDENTITY_METADATA_KEY} header")
     raise UnauthenticatedError("the call carries no client certificate (mTLS required)")
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_of(pem: bytes) -> tuple[str, str]:
+    """(name, role) of a CA-verified certificate; cached: parsing costs ~90 us per call."""
+    return load_identity_role(pem)
 
 
 def require_role(

@@ -42,14 +42,16 @@ class FetchRequest(_message.Message):
     def __init__(self, deployment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class MaterialChunk(_message.Message):
-    __slots__ = ("chunk_index", "chunk_count", "data")
+    __slots__ = ("chunk_index", "chunk_count", "data", "set_id")
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SET_ID_FIELD_NUMBER: _ClassVar[int]
     chunk_index: int
     chunk_count: int
     data: bytes
-    def __init__(self, chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    set_id: str
+    def __init__(self, chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., data: _Optional[bytes] = ..., set_id: _Optional[str] = ...) -> None: ...
 
 class Bundle(_message.Message):
     __slots__ = ("tensors", "blobs")
@@ -99,3 +101,35 @@ class StatsResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     counters: _containers.ScalarMap[str, int]
     def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class PrefetchRequest(_message.Message):
+    __slots__ = ("deployment_id", "party_id", "batch", "purpose")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    party_id: int
+    batch: int
+    purpose: str
+    def __init__(self, deployment_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class BindRequest(_message.Message):
+    __slots__ = ("deployment_id", "session_id", "party_id", "batch", "purpose")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    session_id: str
+    party_id: int
+    batch: int
+    purpose: str
+    def __init__(self, deployment_id: _Optional[str] = ..., session_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ...) -> None: ...
+
+class BindResponse(_message.Message):
+    __slots__ = ("set_id",)
+    SET_ID_FIELD_NUMBER: _ClassVar[int]
+    set_id: str
+    def __init__(self, set_id: _Optional[str] = ...) -> None: ...

@@ -50,6 +50,16 @@ class DealerStub:
                 request_serializer=secureinfer_dot_v1_dot_dealer__pb2.FetchRequest.SerializeToString,
                 response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.MaterialChunk.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_stream(
+                '/secureinfer.v1.Dealer/Prefetch',
+                request_serializer=secureinfer_dot_v1_dot_dealer__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.MaterialChunk.FromString,
+                _registered_method=True)
+        self.Bind = channel.unary_unary(
+                '/secureinfer.v1.Dealer/Bind',
+                request_serializer=secureinfer_dot_v1_dot_dealer__pb2.BindRequest.SerializeToString,
+                response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.BindResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/secureinfer.v1.Dealer/Release',
                 request_serializer=secureinfer_dot_v1_dot_dealer__pb2.ReleaseRequest.SerializeToString,
@@ -85,9 +95,24 @@ class DealerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Release(self, request, context):
+    def Prefetch(self, request, context):
         """Forget a deployment and any material prepared for it.
+        Ahead of requests: the next pooled set's part for this party (no chunks if none
+        is ready). The set is bound to a session only later, by Bind.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Bind(self, request, context):
+        """Bind a session to a set every party already holds (empty set_id: none; use Fetch).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -115,6 +140,16 @@ def add_DealerServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.FetchRequest.FromString,
                     response_serializer=secureinfer_dot_v1_dot_dealer__pb2.MaterialChunk.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.PrefetchRequest.FromString,
+                    response_serializer=secureinfer_dot_v1_dot_dealer__pb2.MaterialChunk.SerializeToString,
+            ),
+            'Bind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Bind,
+                    request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.BindRequest.FromString,
+                    response_serializer=secureinfer_dot_v1_dot_dealer__pb2.BindResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -208,6 +243,60 @@ class Dealer:
             '/secureinfer.v1.Dealer/Fetch',
             secureinfer_dot_v1_dot_dealer__pb2.FetchRequest.SerializeToString,
             secureinfer_dot_v1_dot_dealer__pb2.MaterialChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/secureinfer.v1.Dealer/Prefetch',
+            secureinfer_dot_v1_dot_dealer__pb2.PrefetchRequest.SerializeToString,
+            secureinfer_dot_v1_dot_dealer__pb2.MaterialChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Bind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secureinfer.v1.Dealer/Bind',
+            secureinfer_dot_v1_dot_dealer__pb2.BindRequest.SerializeToString,
+            secureinfer_dot_v1_dot_dealer__pb2.BindResponse.FromString,
             options,
             channel_credentials,
             insecure,

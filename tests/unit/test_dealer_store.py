@@ -27,23 +27,58 @@ def _graph_json() -> bytes:
     return from_torch(nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)), (1, 6)).public_json()
 
 
+def _fetch(core: DealerCore, dep: str, sess: str, party: int, *, batch: int = 3, purpose: str = "logits"):
+    set_id, data = core.fetch(dep, sess, party_id=party, batch=batch, purpose=purpose)
+    return set_id, bundle_from_bytes(data, party_id=party)
+
+
 def test_material_is_served_once_per_party_and_session() -> None:
     core = DealerCore(master_key=os.urandom(32), pool_size=0)
     g = _graph_json()
     _, s0 = core.register("dep1", g, party_id=0, n_parties=2)
     _, s1 = core.register("dep1", g, party_id=1, n_parties=2)
     assert s0 != s1
-    b0 = core.fetch("dep1", "sess", party_id=0, batch=3, purpose="logits")
-    b1 = core.fetch("dep1", "sess", party_id=1, batch=3, purpose="logits")
+    id0, b0 = _fetch(core, "dep1", "sess", 0)
+    id1, b1 = _fetch(core, "dep1", "sess", 1)
+    assert id0 == id1
     assert b0.seed != b1.seed and b0.tensors and not b1.tensors  # corrections only for party 0
     assert b0.blobs.keys() == b1.blobs.keys()  # both hold their own DCF keys
-    core.fetch("dep1", "sess2", party_id=0, batch=3, purpose="logits")
+    _fetch(core, "dep1", "sess2", 0)
     with pytest.raises(ProtocolError, match="already served"):
-        core.fetch("dep1", "sess2", party_id=0, batch=3, purpose="logits")
+        _fetch(core, "dep1", "sess2", 0)
+    with pytest.raises(ProtocolError):  # a finished session id cannot be reused
+        _fetch(core, "dep1", "sess", 0)
     with pytest.raises(NotFoundError):
         core.fetch("nope", "s", party_id=0, batch=1, purpose="logits")
     with pytest.raises(InvalidArgumentError):
         core.fetch("dep1", "s", party_id=0, batch=0, purpose="logits")
+
+
+def test_prefetch_then_bind_uses_a_set_every_party_holds() -> None:
+    core = DealerCore(master_key=os.urandom(32), pool_size=2)
+    g = _graph_json()
+    core.register("d", g, party_id=0, n_parties=2)
+    assert core.bind("d", "s1", party_id=0, batch=1, purpose="logits") == ""  # nothing prefetched yet
+    core.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        got0 = got1 = None
+        while (got0 is None or got1 is None) and time.monotonic() < deadline:
+            got0 = got0 or core.prefetch("d", party_id=0, batch=1, purpose="logits")
+            got1 = got1 or core.prefetch("d", party_id=1, batch=1, purpose="logits")
+            time.sleep(0.02)
+        assert got0 is not None and got1 is not None and got0[0] == got1[0]
+        assert core.bind("d", "s2", party_id=1, batch=1, purpose="logits") == got0[0]
+        assert core.bind("d", "s2", party_id=0, batch=1, purpose="logits") == got0[0]
+        with pytest.raises(ProtocolError):
+            core.bind("d", "s2", party_id=0, batch=1, purpose="logits")
+        # the bound set's parts were handed out by prefetch: fetch cannot serve them again
+        with pytest.raises(ProtocolError):
+            core.fetch("d", "s2", party_id=0, batch=1, purpose="logits")
+    finally:
+        core.stop()
 
 
 def test_model_seeds_survive_dealer_restart_and_graph_must_match() -> None:
@@ -59,26 +94,11 @@ def test_model_seeds_survive_dealer_restart_and_graph_must_match() -> None:
         core.register("d", other, party_id=1, n_parties=2)
 
 
-def test_pool_thread_generates_ahead() -> None:
-    core = DealerCore(master_key=os.urandom(32), pool_size=2)
-    core.register("d", _graph_json(), party_id=0, n_parties=2)
-    core.start()
-    try:
-        import time
-
-        deadline = time.monotonic() + 20
-        while core.counters["bundles_generated"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        core.fetch("d", "s", party_id=0, batch=1, purpose="logits")
-        assert core.counters["pool_hits"] == 1
-    finally:
-        core.stop()
-
-
 def test_bundle_wire_roundtrip_and_malformed() -> None:
     core = DealerCore(master_key=os.urandom(32), pool_size=0)
     core.register("d", _graph_json(), party_id=0, n_parties=2)
-    b = core.fetch("d", "s", party_id=0, batch=2, purpose="argmax")
+    _, data = core.fetch("d", "s", party_id=0, batch=2, purpose="argmax")
+    b = bundle_from_bytes(data, party_id=0)
     back = bundle_from_bytes(bundle_to_bytes(b), party_id=0)
     assert back.seed == b.seed and back.blobs == b.blobs
     assert all(torch.equal(back.tensors[k], v) for k, v in b.tensors.items())

@@ -1,0 +1,163 @@
+"""A party's cache of dealer material, filled ahead of requests.
+
+A background thread asks the dealer (``Prefetch``) for this party's part of pooled sets
+for every (deployment, batch, purpose) in recent use, parses it, and precomputes the
+input-independent half of every linear layer (``op([A], E) + [C]``). At request time the
+party asks the dealer which set its session is bound to (``Bind``, a tiny RPC) and takes
+that set from the cache; only if no set is held by every party does it fall back to
+``Fetch`` (transfer and parsing on the request path).
+
+Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
+them sooner, see ``DealerCore.set_ttl_s``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from secureinfer.dealer.material import PartyBundle
+from secureinfer.dealer.wire import bundle_from_bytes
+from secureinfer.errors import SecureInferError
+from secureinfer.log import Logger
+from secureinfer.transport.codec import Reassembler
+from secureinfer.v1 import dealer_pb2, dealer_pb2_grpc
+
+__all__ = ["MaterialCache", "read_chunks"]
+
+Key = tuple[str, int, str]  # (deployment id, batch, purpose)
+
+
+def read_chunks(stream: Any, *, max_bytes: int) -> tuple[str, bytes] | None:
+    """Reassemble a MaterialChunk stream into (set_id, bytes); None for an empty stream."""
+    re_ = Reassembler(max_bytes=max_bytes)
+    data, set_id = None, ""
+    for chunk in stream:
+        set_id = chunk.set_id
+        data = re_.add("m", chunk.chunk_index, chunk.chunk_count, chunk.data) or data
+    if data is None:
+        return None
+    return set_id, data
+
+
+@dataclass
+class _Entry:
+    sets: OrderedDict[str, tuple[PartyBundle, float]] = field(default_factory=OrderedDict)
+    last_used: float = 0.0
+    inflight: bool = False
+
+
+class MaterialCache:
+    def __init__(
+        self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
+        rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 90.0, idle_s: float = 600.0,
+        log: Logger | None = None,
+    ) -> None:
+        self.party_id = party_id
+        self._dealer = dealer
+        self._prepare = prepare
+        self._timeout = rpc_timeout_s
+        self._max_bytes = max_bytes
+        self.depth = depth
+        self.ttl_s = ttl_s
+        self.idle_s = idle_s
+        self._log = log
+        self._cond = threading.Condition()
+        self._entries: dict[Key, _Entry] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None and self.depth > 0:
+            self._thread = threading.Thread(target=self._loop, name=f"party{self.party_id}-prefetch", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def want(self, key: Key) -> None:
+        with self._cond:
+            self._entries.setdefault(key, _Entry()).last_used = time.monotonic()
+            self._cond.notify_all()
+
+    def forget(self, deployment_id: str) -> None:
+        with self._cond:
+            for k in [k for k in self._entries if k[0] == deployment_id]:
+                del self._entries[k]
+
+    def take(self, key: Key, set_id: str) -> PartyBundle | None:
+        """The cached part of ``set_id`` (waiting for a prefetch in flight), or None."""
+        deadline = time.monotonic() + self._timeout
+        with self._cond:
+            while True:
+                e = self._entries.get(key)
+                if e is not None and set_id in e.sets:
+                    bundle, _ = e.sets.pop(set_id)
+                    self._cond.notify_all()
+                    return bundle
+                left = deadline - time.monotonic()
+                if e is None or not e.inflight or left <= 0:
+                    return None
+                self._cond.wait(left)
+
+    def held(self) -> int:
+        with self._cond:
+            return sum(len(e.sets) for e in self._entries.values())
+
+    # ------------------------------------------------------------------ background
+    def _next(self) -> Key | None:
+        now = time.monotonic()
+        for key, e in self._entries.items():
+            for sid in [s for s, (_, t) in e.sets.items() if now - t > self.ttl_s]:
+                del e.sets[sid]
+            if now - e.last_used < self.idle_s and len(e.sets) < self.depth:
+                return key
+        return None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._cond:
+                key = self._next()
+                if key is None:
+                    self._cond.wait(timeout=0.5)
+                    continue
+                self._entries[key].inflight = True
+            got = None
+            try:
+                req = dealer_pb2.PrefetchRequest(deployment_id=key[0], party_id=self.party_id, batch=key[1],
+                                                 purpose=key[2])
+                got = read_chunks(self._dealer.Prefetch(req, timeout=self._timeout), max_bytes=self._max_bytes)
+                if got is not None:
+                    bundle = bundle_from_bytes(got[1], party_id=self.party_id)
+                    self._prepare(key, bundle)
+            except (grpc.RpcError, SecureInferError) as exc:
+                got = None
+                if self._log is not None:
+                    detail = exc.code().name if isinstance(exc, grpc.RpcError) else str(exc)
+                    self._log.warning("prefetch_failed", deployment=key[0], batch=key[1], error=detail)
+                self._stop.wait(1.0)
+            except Exception as exc:  # never let the prefetcher die silently
+                got = None
+                if self._log is not None:
+                    self._log.error("prefetch_crashed", error=repr(exc))
+                self._stop.wait(1.0)
+            with self._cond:
+                e = self._entries.get(key)
+                if e is not None:
+                    e.inflight = False
+                    if got is not None:
+                        e.sets[got[0]] = (bundle, time.monotonic())
+                self._cond.notify_all()
+            if got is None:
+                self._stop.wait(0.05)  # the dealer's pool is empty: let it refill
+
