@@ -195,6 +195,13 @@ def test_roles_and_sessions_are_enforced(server) -> None:
                 assert ei.value.code() == grpc.StatusCode.PERMISSION_DENIED, name
         with pytest.raises(NotFoundError, match="no HE model"):
             c.infer("nope", np.zeros((1, 64)))
+        assert c.server_ready()
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ident = topo.identity("client")
+    with tls.open_channel(topo.he.address, settings=topo.cluster, cert=ident.cert, key=ident.key) as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_cli_infer_writes_the_output(server, digits, tmp_path: Path) -> None:
