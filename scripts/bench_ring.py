@@ -26,7 +26,12 @@ import torch.nn.functional as F
 
 from secureinfer import ring
 
-MATMUL_CASES = [((1, 784), (784, 128)), ((100, 784), (784, 128)), ((128, 128), (128, 128)), ((256, 1024), (1024, 1024))]
+MATMUL_CASES = [
+    ((1, 784), (784, 128)),
+    ((100, 784), (784, 128)),
+    ((128, 128), (128, 128)),
+    ((256, 1024), (1024, 1024)),
+]
 CONV_CASES = [((1, 1, 28, 28), (16, 1, 5, 5)), ((32, 16, 12, 12), (16, 16, 5, 5))]
 
 
@@ -69,7 +74,9 @@ def ring_data(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.randint(-(2**63), 2**63 - 1, shape, dtype=torch.int64).to(device)
 
 
-def bench_case(kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: float, device: torch.device) -> dict[str, Any]:
+def bench_case(
+    kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: float, device: torch.device
+) -> dict[str, Any]:
     a, b = ring_data(sa, device), ring_data(sb, device)
     af, bf = a.to(torch.float64), b.to(torch.float64)
     if kind == "matmul":
@@ -81,7 +88,8 @@ def bench_case(kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: 
         pb = ring.prepare_conv2d(b)
         f64, prep = (lambda: F.conv2d(af, bf)), (lambda: ring.prepare_conv2d(b))
         fast, slow = (lambda: ring.conv2d(a, pb)), (lambda: ring.conv2d(a, b))
-    t = timeit({"float64": f64, "prepared": fast, "unprepared": slow, "prepare": prep}, seconds=seconds, device=device)
+    fns = {"float64": f64, "prepared": fast, "unprepared": slow, "prepare": prep}
+    t = timeit(fns, seconds=seconds, device=device)
     return {
         "case": kind,
         "a": list(sa),

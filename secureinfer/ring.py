@@ -93,6 +93,7 @@ _OFFSET = _HALF + (_HALF << _LIMB)
 _MAX_CHUNK = 1 << (53 - 2 * _LIMB)  # 512 inner terms of |(a0+a1)(b0+b1)| <= 2^44
 _F64 = torch.float64
 _NUMPY_MAX = 1 << 16  # elementwise work on CPU tensors up to this size runs in numpy
+_IM2COL_BLOCK = 1 << 24  # im2col entries per block of images (limbs: 40 bytes each)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -281,7 +282,11 @@ _WEIGHTS = tuple(
 )
 
 
-def _combine(o: torch.Tensor) -> torch.Tensor:
+def _weights(device: torch.device) -> torch.Tensor:
+    return torch.tensor(_WEIGHTS, dtype=torch.int64, device=device)
+
+
+def _combine(o: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """int64 ``sum_j c0 + 2^22 c1 + 2^44 c2`` from float64 products ``o`` (5, J, ...).
 
     Every entry of ``o`` is an exactly computed integer of magnitude <= 2^53, so its
@@ -293,7 +298,7 @@ def _combine(o: torch.Tensor) -> torch.Tensor:
         on *= np.array(_WEIGHTS, dtype=np.int64).reshape(shape)  # wraps mod 2^64
         return torch.from_numpy(on.reshape(o.shape[0] * o.shape[1], *o.shape[2:]).sum(0))
     oi = o.to(torch.int64)
-    oi.mul_(torch.tensor(_WEIGHTS, dtype=torch.int64, device=o.device).view(shape))
+    oi.mul_((weights if weights is not None else _weights(o.device)).view(shape))
     return oi.flatten(0, 1).sum(0)
 
 
@@ -317,6 +322,7 @@ class PreparedOperand:
     groups: int = 1
     data: tuple[torch.Tensor, ...] = ()
     im2col: PreparedOperand | None = None
+    weights: torch.Tensor | None = None  # _WEIGHTS on the device, made once
 
     def __repr__(self) -> str:
         how = "im2col" if self.im2col is not None else f"{len(self.data)} part(s)"
@@ -334,7 +340,7 @@ def prepare(b: torch.Tensor) -> PreparedOperand:
     bm = b.unsqueeze(-1) if b.dim() == 1 else b
     j, kc = _chunking(bm.shape[-2])
     data = _limbs5(bm, j, kc, dim=-2, right=True)
-    return PreparedOperand(kind="matmul", shape=tuple(b.shape), device=b.device, data=(data,))
+    return PreparedOperand("matmul", tuple(b.shape), b.device, 1, (data,), None, _weights(b.device))
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor | PreparedOperand) -> torch.Tensor:
@@ -374,7 +380,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor | PreparedOperand) -> torch.Tensor:
         b5 = bdata.reshape(5, j, *(1,) * (len(batch) - len(bb)), *bb, kc, n)
         o = torch.matmul(a5, b5)
         out_shape = (*batch, m, n)
-    r = _combine(o).reshape(out_shape)
+    r = _combine(o, pb.weights).reshape(out_shape)
     if b_vec:
         r = r.squeeze(-1)
     if a.dim() == 1:
@@ -401,10 +407,10 @@ def prepare_conv2d(w: torch.Tensor, *, groups: int = 1, method: str = "auto") ->
     """
     _check_int64(w, "w")
     if w.dim() != 4 or w.numel() == 0:
-        raise ShapeError(f"conv2d weight must be a non-empty (O, C/groups, kh, kw) tensor, got {tuple(w.shape)}")
+        raise ShapeError(f"conv2d weight must be a non-empty (O, C/groups, kh, kw) tensor, got {w.shape}")
     o, cg, kh, kw = w.shape
     if not isinstance(groups, int) or groups < 1 or o % groups:
-        raise InvalidArgumentError(f"groups must be a positive divisor of {o} output channels, got {groups!r}")
+        raise InvalidArgumentError(f"groups must be a positive divisor of {o} output channels: {groups!r}")
     if method == "auto":
         method = "conv" if w.device.type == "cpu" and kh * kw <= _MAX_CHUNK else "im2col"
     shape = tuple(w.shape)
@@ -412,7 +418,7 @@ def prepare_conv2d(w: torch.Tensor, *, groups: int = 1, method: str = "auto") ->
         b = w.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)
         return PreparedOperand("conv2d", shape, w.device, groups, (), prepare(b))
     if method != "conv" or kh * kw > _MAX_CHUNK:
-        raise InvalidArgumentError(f"method must be 'auto', 'im2col' or 'conv' (kh*kw <= 512), got {method!r}")
+        raise InvalidArgumentError(f"method must be 'auto', 'im2col' or 'conv' (kh*kw <= 512): {method!r}")
     _, cc = _chunking(cg, _MAX_CHUNK // (kh * kw))
     w5 = _split5(w)  # (5, O, Cg, kh, kw): w0, w1, w0+w1, w0, w2
     parts: list[torch.Tensor] = []
@@ -421,7 +427,7 @@ def prepare_conv2d(w: torch.Tensor, *, groups: int = 1, method: str = "auto") ->
         per_group = (ws[0].unflatten(0, (groups, -1)), ws[4].unflatten(0, (groups, -1)))
         w02 = torch.stack(per_group, dim=1).flatten(0, 2)  # per group [w0; w2]
         parts += [w02, ws[1].contiguous(), ws[2].contiguous(), ws[0].contiguous()]
-    return PreparedOperand("conv2d", shape, w.device, groups, tuple(parts))
+    return PreparedOperand("conv2d", shape, w.device, groups, tuple(parts), None, _weights(w.device))
 
 
 def conv2d(
@@ -451,7 +457,9 @@ def conv2d(
     o, cg, kh, kw = pw.shape
     if x.dim() != 4 or x.shape[1] != cg * groups:
         raise ShapeError(f"conv2d input must be (N, {cg * groups}, H, W), got {tuple(x.shape)}")
-    (sh, sw), (ph, pv), (dh, dw) = _pair(stride, "stride", 1), _pair(padding, "padding", 0), _pair(dilation, "dilation", 1)
+    sh, sw = _pair(stride, "stride", 1)
+    ph, pv = _pair(padding, "padding", 0)
+    dh, dw = _pair(dilation, "dilation", 1)
     n, _, h, wd = x.shape
     ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (wd + 2 * pv - dw * (kw - 1) - 1) // sw + 1
     if ho <= 0 or wo <= 0:
@@ -460,13 +468,19 @@ def conv2d(
     if pw.im2col is not None:
         xp = F.pad(x, (pv, pv, ph, ph)) if ph or pv else x.contiguous()
         s_n, s_c, s_h, s_w = xp.stride()
-        cols = xp.as_strided(
-            (groups, n, ho, wo, cg, kh, kw),
-            (cg * s_c, s_n, sh * s_h, sw * s_w, s_c, dh * s_h, dw * s_w),
-            xp.storage_offset(),
-        ).reshape(groups, n * ho * wo, cg * kh * kw)
-        y = matmul(cols, pw.im2col)  # (groups, N*Ho*Wo, O/groups)
-        return y.view(groups, n, ho, wo, og).permute(1, 0, 4, 2, 3).reshape(n, o, ho, wo)
+        k = cg * kh * kw
+        step = max(1, _IM2COL_BLOCK // (groups * ho * wo * k))  # images per block
+        ys = []
+        for i in range(0, n, step):  # bounded memory: the limbs take 40 bytes per entry
+            nb = min(step, n - i)
+            cols = xp.as_strided(
+                (groups, nb, ho, wo, cg, kh, kw),
+                (cg * s_c, s_n, sh * s_h, sw * s_w, s_c, dh * s_h, dw * s_w),
+                xp.storage_offset() + i * s_n,
+            ).reshape(groups, nb * ho * wo, k)
+            y = matmul(cols, pw.im2col)  # (groups, nb*Ho*Wo, O/groups)
+            ys.append(y.view(groups, nb, ho, wo, og).permute(1, 0, 4, 2, 3).reshape(nb, o, ho, wo))
+        return ys[0] if len(ys) == 1 else torch.cat(ys)
     x5 = _split5(x)  # (5, N, C, H, W)
     nparts = len(pw.data) // 4
     cc = pw.data[1].shape[1]
@@ -479,10 +493,11 @@ def conv2d(
 
     for i in range(nparts):
         w02, w1, w01, w0 = pw.data[4 * i : 4 * i + 4]
-        xs = x5 if nparts == 1 else x5.unflatten(2, (groups, cg))[:, :, :, i * cc : (i + 1) * cc].flatten(2, 3)
+        xs = x5 if nparts == 1 else x5.unflatten(2, (groups, cg))[:, :, :, i * cc : (i + 1) * cc]
+        xs = xs.flatten(2, 3) if nparts > 1 else xs
         o03 = conv(xs[0], w02)  # per group [x0 w0; x0 w2]
         prods[0, i].copy_(o03[:, :, 0])
         prods[3, i].copy_(o03[:, :, 1])
         for k, wk in ((1, w1), (2, w01), (4, w0)):
             prods[k, i].copy_(conv(xs[k], wk)[:, :, 0])
-    return _combine(prods).reshape(n, o, ho, wo)
+    return _combine(prods, pw.weights).reshape(n, o, ho, wo)

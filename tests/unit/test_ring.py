@@ -96,7 +96,8 @@ def test_encode_decode_round_trip() -> None:
     assert torch.allclose(back, torch.from_numpy(x), atol=2.0**-17, rtol=0)
     for f in (0, 8, 20, 30):
         y = torch.linspace(-ring.value_range(f), ring.value_range(f), 101, dtype=torch.float64)
-        assert torch.allclose(ring.decode(ring.encode(y, frac_bits=f), frac_bits=f), y, atol=2.0 ** (-f - 1), rtol=0)
+        back = ring.decode(ring.encode(y, frac_bits=f), frac_bits=f)
+        assert torch.allclose(back, y, atol=2.0 ** (-f - 1), rtol=0)
 
 
 def test_encode_inputs_and_rounding() -> None:
@@ -256,7 +257,9 @@ def test_matmul_errors() -> None:
 # --------------------------------------------------------------------------- conv2d
 
 
-def conv_reference(x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int, groups: int) -> torch.Tensor:
+def conv_reference(
+    x: torch.Tensor, w: torch.Tensor, stride: int, padding: int, dilation: int, groups: int
+) -> torch.Tensor:
     """int64 conv2d by elementwise products summed over channels and kernel offsets."""
     n, c, h, wd = x.shape
     o, cg, kh, kw = w.shape
@@ -317,6 +320,13 @@ def test_conv2d_worst_case_limbs(method: str) -> None:
     for v in EXTREMES[:3] + EXTREMES[9:]:
         wv = torch.full((2, 60, 3, 3), v, dtype=torch.int64)
         assert torch.equal(ring.conv2d(x, wv, method=method), conv_reference(x, wv, 1, 0, 1, 1))
+
+
+def test_conv2d_im2col_in_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, w = ring_data((5, 4, 7, 7), "bx"), ring_data((6, 2, 3, 3), "bw")
+    monkeypatch.setattr(ring, "_IM2COL_BLOCK", 2 * 25 * 18 * 2)  # 2 images per block
+    got = ring.conv2d(x, w, padding=0, groups=2, method="im2col")
+    assert torch.equal(got, conv_reference(x, w, 1, 0, 1, 2))
 
 
 def test_conv2d_large_kernel_uses_im2col() -> None:
