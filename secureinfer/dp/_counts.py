@@ -23,6 +23,7 @@ differences) and the unit tests check them against exact big-integer logarithms.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,9 @@ from secureinfer.dp import _exact as ex
 
 if TYPE_CHECKING:
     from secureinfer.prg import Prg
+
+LogRatio = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+ExactRatio = Callable[[int], tuple[int, int]]
 
 _HALF_LN_2PI = 0.5 * math.log(2.0 * math.pi)
 _LNFACT16 = np.array([math.lgamma(k + 1) for k in range(16)])
@@ -127,7 +131,12 @@ def _window(center: float, lo: int, hi: int | None) -> list[int]:
     return out + [lo] if hi is None else out + [lo, hi]
 
 
-def _sup(points: list[int], logr_fn, t: int) -> float:  # type: ignore[no-untyped-def]
+def _sup(points: list[int], logr_fn: LogRatio, t: int) -> float:
+    """An upper bound on sup_j log R(j) + |j|/t, given points that include both maxima.
+
+    log R is concave (the pmf is log-concave), so on each side of 0 the maximum sits where
+    the increments change sign; the callers pass a window of +-4 around both crossings.
+    """
     j = np.array(sorted(set(points)), dtype=np.int64)
     val, err = logr_fn(j)
     g = val + np.abs(j) / t
@@ -141,13 +150,13 @@ def poisson(prg: Prg, lam: Fraction, n: int) -> np.ndarray:
     m = lam.numerator // lam.denominator
     t = math.isqrt(m) + 1
     lam_f = float(lam)
-    e1 = math.exp(1.0 / t)
 
     def logr(j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return poisson_logr(lam, m, j)
 
-    right = _window(lam_f * e1 - m, 0, None)
-    left = _window(lam_f / e1 - m, -m, 0)
+    phi = float(lam - m)  # the crossings lam e^(+-1/t) - m, computed without cancellation
+    right = _window(lam_f * math.expm1(1.0 / t) + phi, 0, None)
+    left = _window(lam_f * math.expm1(-1.0 / t) + phi, -m, 0)
     sup = _sup(right + left, logr, t)
     sup_frac = Fraction(sup)
 
@@ -201,8 +210,8 @@ def _envelope(
     hi: int | None,
     sup: float,
     sup_frac: Fraction,
-    logr,  # type: ignore[no-untyped-def]
-    ratio,  # type: ignore[no-untyped-def]
+    logr: LogRatio,
+    ratio: ExactRatio,
 ) -> np.ndarray:
     """Rejection from m + DiscreteLaplace(t) with acceptance R(j) exp(|j|/t - sup)."""
     out = np.empty(n, dtype=np.int64)
@@ -293,14 +302,16 @@ def binomial(prg: Prg, trials: int, p: Fraction, n: int) -> np.ndarray:
     var = trials * p * (1 - p)
     t = math.isqrt(var.numerator // var.denominator) + 1
     pf, qf = float(p), float(1 - p)
-    e1 = math.exp(1.0 / t)
+    e1, em1 = math.exp(1.0 / t), math.expm1(1.0 / t)
+    npq, phi = float(trials * p * (1 - p)), float(trials * p - m)
 
     def logr(j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return binomial_logr(trials, p, m, j)
 
-    k_right = (trials * pf * e1 - qf) / (pf * e1 + qf)
-    k_left = (trials + 1) * pf / (qf * e1 + pf)
-    pts = _window(k_right - m, 0, trials - m) + _window(k_left - m, -m, 0)
+    # the crossings k_right = (n p e - q)/(p e + q), k_left = (n+1) p/(q e + p), relative to m
+    j_right = (npq * em1 - qf) / (pf * e1 + qf) + phi
+    j_left = (pf - npq * em1) / (qf * e1 + pf) + phi
+    pts = _window(j_right, 0, trials - m) + _window(j_left, -m, 0)
     sup = _sup(pts, logr, t)
 
     def ratio(j: int) -> tuple[int, int]:

@@ -65,6 +65,45 @@ def test_nb_log_pmf_within_stated_error(r: Fraction, scale: Fraction) -> None:
         assert abs(v - ref) <= e, (int(k), v, ref, e)
 
 
+@pytest.mark.parametrize("lam", [Fraction(1), Fraction(5, 2), Fraction(10**6 + 1, 3), Fraction(2**59) + Fraction(1, 3)])
+def test_poisson_envelope_constant_bounds_the_sup(lam: Fraction, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, float] = {}
+    real = _counts._envelope
+
+    def spy(*args: object, **kw: object) -> np.ndarray:
+        seen.update(sup=kw["sup"], t=kw["t"], m=kw["m"])  # type: ignore[arg-type]
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_counts, "_envelope", spy)
+    samplers.poisson(prg(9), lam=lam, size=10)
+    m, t = int(seen["m"]), int(seen["t"])
+    lam_f = float(lam)
+    centers = [lam_f * math.expm1(1 / t) + float(lam - m), lam_f * math.expm1(-1 / t) + float(lam - m)]
+    js = {0} | {int(c) + d for c in centers for d in range(-300, 301)} | {int(v) for v in np.linspace(-m, 40 * t, 2001)}
+    j = np.array(sorted(v for v in js if v >= -m), dtype=np.int64)
+    val, _ = _counts.poisson_logr(lam, m, j)
+    assert seen["sup"] >= float(np.max(val + np.abs(j) / t))
+
+
+@pytest.mark.parametrize("n,p", [(20, Fraction(1, 3)), (10**6, Fraction(1, 2)), (2**58, Fraction(1, 3)), (10**7, Fraction(1, 10**6))])
+def test_binomial_envelope_constant_bounds_the_sup(n: int, p: Fraction, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, float] = {}
+    real = _counts._envelope
+
+    def spy(*args: object, **kw: object) -> np.ndarray:
+        seen.update(sup=kw["sup"], t=kw["t"], m=kw["m"])  # type: ignore[arg-type]
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_counts, "_envelope", spy)
+    samplers.binomial(prg(10), n=n, p=p, size=10)
+    m, t = int(seen["m"]), int(seen["t"])
+    js = set(range(-min(m, 2000), 2001)) | {int(v) for v in np.linspace(-m, min(n - m, 60 * t), 4001)}
+    js |= {int(v) for v in np.linspace(-40 * t, 40 * t, 8001)}
+    j = np.array(sorted(v for v in js if -m <= v <= n - m), dtype=np.int64)
+    val, _ = _counts.binomial_logr(n, p, m, j)
+    assert seen["sup"] >= float(np.max(val + np.abs(j) / t))
+
+
 def test_log1pmx_and_lnfact() -> None:
     x = np.array([-0.9, -0.3, -0.2499, -1e-3, 0.0, 1e-8, 0.1, 0.25, 3.0])
     with mpmath.workdps(40):
