@@ -24,7 +24,7 @@ from torch import nn
 
 from secureinfer.he.model import HEModel, calibrate, forward, gelu_poly, relu_poly
 
-__all__ = ["Poly", "Square", "conversion_report", "digits_split", "from_torch", "train_digits_he"]
+__all__ = ["Poly", "Square", "activation_bounds", "conversion_report", "digits_split", "from_torch", "train_digits_he"]
 
 
 class Square(nn.Module):
@@ -50,13 +50,44 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
-def from_torch(module: nn.Module, input_shape: Sequence[int], *, name: str, relu_bound: float | None = None,
-               gelu_bound: float | None = None) -> HEModel:
-    """Convert an ``nn.Sequential`` (see the module docstring); weights copied as float64."""
+def activation_bounds(module: nn.Module, x: np.ndarray) -> list[float]:
+    """max |input| of each ReLU/GELU of an ``nn.Sequential`` over samples ``x`` (in order)."""
+    mods = list(module.children()) if isinstance(module, nn.Sequential) else [module]
+    bounds: list[float] = []
+    h = torch.from_numpy(np.asarray(x, dtype=np.float64))
+    with torch.no_grad():
+        for mod in mods:
+            if isinstance(mod, (nn.ReLU, nn.GELU)):
+                bounds.append(float(h.abs().max()))
+            h = mod.double()(h)
+    return bounds
+
+
+def from_torch(module: nn.Module, input_shape: Sequence[int], *, name: str,
+               relu_bound: float | str | None = None, gelu_bound: float | str | None = None,
+               calibration: np.ndarray | None = None) -> HEModel:
+    """Convert an ``nn.Sequential`` (see the module docstring); weights copied as float64.
+
+    ``relu_bound`` / ``gelu_bound``: the range [-b, b] of the polynomial fit, or ``"auto"``
+    to use each activation's max |input| over ``calibration`` samples.
+    """
     layers: list[dict[str, Any]] = []
     weights: dict[str, np.ndarray] = {}
     mods = list(module.children()) if isinstance(module, nn.Sequential) else [module]
+    auto: list[float] = []
+    if "auto" in (relu_bound, gelu_bound):
+        if calibration is None:
+            raise ValueError('relu_bound="auto" needs calibration samples')
+        auto = activation_bounds(module, calibration)
+    k_act = 0
     for mod in mods:
+        if isinstance(mod, (nn.ReLU, nn.GELU)):
+            b_auto = auto[k_act] if auto else None
+            k_act += 1
+            rb = b_auto if relu_bound == "auto" else relu_bound
+            gb = b_auto if gelu_bound == "auto" else gelu_bound
+        else:
+            rb = gb = None
         i = len(layers)
         if isinstance(mod, nn.Conv2d):
             layers.append({"type": "conv2d", "out_channels": mod.out_channels, "kernel_size": list(mod.kernel_size),
@@ -82,10 +113,12 @@ def from_torch(module: nn.Module, input_shape: Sequence[int], *, name: str, relu
             layers.append({"type": "square"})
         elif isinstance(mod, Poly):
             layers.append({"type": "poly", "coeffs": [float(c) for c in mod.coeffs]})
-        elif isinstance(mod, nn.ReLU) and relu_bound is not None:
-            layers.append({"type": "poly", "coeffs": relu_poly(relu_bound), "replaces": f"relu on [-{relu_bound:g}, {relu_bound:g}]"})
-        elif isinstance(mod, nn.GELU) and gelu_bound is not None:
-            layers.append({"type": "poly", "coeffs": gelu_poly(gelu_bound), "replaces": f"gelu on [-{gelu_bound:g}, {gelu_bound:g}]"})
+        elif isinstance(mod, nn.ReLU) and rb is not None:
+            rb = float(rb)
+            layers.append({"type": "poly", "coeffs": relu_poly(rb), "replaces": f"relu on [-{rb:g}, {rb:g}]"})
+        elif isinstance(mod, nn.GELU) and gb is not None:
+            gb = float(gb)
+            layers.append({"type": "poly", "coeffs": gelu_poly(gb), "replaces": f"gelu on [-{gb:g}, {gb:g}]"})
         elif isinstance(mod, (nn.Dropout, nn.Identity)):
             continue
         else:

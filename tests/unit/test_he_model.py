@@ -251,3 +251,18 @@ def test_flooding_noise_and_rounding() -> None:
     assert not np.array_equal(gaussian(Prg(bytes(32)), 10), gaussian(Prg(b"\x01" * 32), 10))
     assert output_grid(2.0 ** -12) == 2.0 ** -9 and output_grid(0.0) == 0.0
     np.testing.assert_array_equal(round_to_grid(np.array([0.26, -0.74]), 0.5), [0.5, -0.5])
+
+
+def test_auto_relu_bounds_come_from_calibration_data() -> None:
+    torch.manual_seed(1)  # test weights only
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+    x = RNG.uniform(-2, 2, (50, 6))
+    m = from_torch(net, (6,), name="auto", relu_bound="auto", calibration=x)
+    with torch.no_grad():
+        h1 = net[0](torch.from_numpy(x))
+        h2 = net[2](torch.relu(h1))
+    expected = [float(h1.abs().max()), float(h2.abs().max())]
+    got = [float(ly["replaces"].split("[-")[1].split(",")[0]) for ly in m.layers if ly["type"] == "poly"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="calibration"):
+        from_torch(net, (6,), name="auto", relu_bound="auto")
