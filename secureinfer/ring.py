@@ -131,10 +131,13 @@ def encode(
     bound = value_range(frac_bits) if max_abs is None else float(max_abs)
     if not bound > 0 or bound * 2.0**frac_bits >= 2.0**63:
         raise InvalidArgumentError(f"max_abs must be in (0, 2^{63 - frac_bits}), got {max_abs!r}")
-    if isinstance(x, torch.Tensor):
-        xf = x.detach().to(dtype=_F64, device=device if device is not None else x.device)
-    else:
-        xf = torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)
+    try:
+        if isinstance(x, torch.Tensor):
+            xf = x.detach().to(dtype=_F64, device=device if device is not None else x.device)
+        else:
+            xf = torch.as_tensor(np.asarray(x, dtype=np.float64), device=device)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"cannot encode {type(x).__name__} as real numbers: {e}") from e
     bad = ~torch.isfinite(xf) | (xf.abs() > bound)
     n_bad = int(bad.sum())
     if n_bad:

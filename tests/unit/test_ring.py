@@ -125,6 +125,8 @@ def test_encode_custom_bound() -> None:
         ring.encode([1.0], frac_bits=16, max_abs=2.0**48)
     with pytest.raises(InvalidArgumentError):
         ring.encode([1.0], frac_bits=-1)
+    with pytest.raises(InvalidArgumentError):
+        ring.encode(["one"])
 
 
 # -------------------------------------------------------------------------- helpers
