@@ -148,7 +148,7 @@ class DealerStats:
         from secureinfer.v1 import dealer_pb2, dealer_pb2_grpc
 
         topo = cluster.topology
-        ident = topo.identity("client")
+        ident = topo.identity("owner")
         self._channel = tls.open_channel(topo.dealer.address, settings=topo.cluster, cert=ident.cert, key=ident.key)
         self._stub = dealer_pb2_grpc.DealerStub(self._channel)
         self._req = dealer_pb2.StatsRequest()
@@ -168,27 +168,27 @@ class DealerStats:
                 self.available = False
         return {}
 
-    def pooled_sets(self) -> float:
-        """Bundle sets generated but not yet handed out (all pools together)."""
+    def activity(self) -> tuple[int, ...]:
+        """Counters that move while the dealer generates or parties prefetch."""
         c = self.counters()
-        return c.get("bundles_generated", 0) - c.get("bundles_served", 0) / self.n_parties
+        return (c.get("sets_generated", 0), c.get("parts_prefetched", 0))
 
     def wait_full(self, target: float, *, timeout: float = 30.0) -> float:
-        """Wait until ``target`` sets are pooled and generation is idle; returns seconds waited."""
+        """Wait until generation and prefetching have been idle for a moment (pools full)."""
         t0 = time.monotonic()
         last, stable_since = None, time.monotonic()
         while time.monotonic() - t0 < timeout:
-            level = self.pooled_sets()
+            level = self.activity()
             if not self.available:
                 time.sleep(self.fallback_s)
                 break
             if level != last:
                 last, stable_since = level, time.monotonic()
-            if level >= target and time.monotonic() - stable_since > 0.05:
+            if time.monotonic() - stable_since > 0.3:
                 break
             time.sleep(0.02)
         else:
-            log(f"dealer pool did not refill to {target} within {timeout:.0f}s (at {last})")
+            log(f"dealer/party pools still busy after {timeout:.0f}s")
         return time.monotonic() - t0
 
     def close(self) -> None:
@@ -200,13 +200,13 @@ def _requests(
 ) -> tuple[list[Any], list[np.ndarray], int]:
     """Run one request per index; if ``pool_target`` is set, wait for a full pool before each."""
     costs, outs = [], []
-    hits0 = stats.counters().get("pool_hits", 0)
+    hits0 = stats.counters().get("binds_prefetched", 0)
     for i in indices:
         if pool_target is not None:
             stats.wait_full(pool_target)
         outs.append(np.asarray(client.infer(name, inputs(i).numpy())))
         costs.append(client.last_cost)
-    hits = stats.counters().get("pool_hits", 0) - hits0 if stats.available else -1
+    hits = stats.counters().get("binds_prefetched", 0) - hits0 if stats.available else -1
     return costs, outs, hits
 
 

@@ -122,8 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_demo)
 
     from secureinfer import certs
+    from secureinfer.he import cli as he_cli
+    from secureinfer.watermark import cli as watermark_cli
 
     certs.register_cli(sub)
+    he_cli.register_cli(sub)
+    watermark_cli.register_cli(sub)
     return p
 
 
