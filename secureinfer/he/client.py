@@ -45,6 +45,7 @@ from secureinfer.he.lower import Program, lower
 from secureinfer.he.model import HEModel, validate
 from secureinfer.he.packing import pack_inputs, unpack_outputs
 from secureinfer.he.params import CkksParams, check_params, select_params
+from secureinfer.he.wire import chunk_blobs, collect_blobs
 from secureinfer.transport.tls import error_from_rpc_error, insecure_identity_metadata, open_channel
 from secureinfer.v1 import common_pb2, he_pb2, he_pb2_grpc
 
@@ -284,8 +285,6 @@ class HEClient:
         t0 = time.perf_counter()
         blobs = s.ctx.encrypt(pack_inputs(info.program, s.plan, batch))
         t1 = time.perf_counter()
-        from secureinfer.he.server import chunk_blobs, collect_blobs
-
         chunk = self.topology.cluster.chunk_bytes
 
         def stream() -> Iterator[he_pb2.HEInferRequest]:

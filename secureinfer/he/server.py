@@ -37,51 +37,16 @@ from secureinfer.errors import (
 )
 from secureinfer.he.model import HEModel, load_model
 from secureinfer.he.params import MAX_COEFF_BITS_128
-from secureinfer.he.service import INPUT_ENCODING, HEService, ServiceLimits
+from secureinfer.he.service import INPUT_ENCODING, HEService, ServiceLimits, SessionLimitError
+from secureinfer.he.wire import chunk_blobs, collect_blobs
 from secureinfer.he.flooding import output_grid
 from secureinfer.log import Logger
 from secureinfer.transport.tls import abort_with, bind_server, peer_identity, require_role, server_options
 from secureinfer.v1 import common_pb2, he_pb2, he_pb2_grpc
 
-__all__ = ["HEServer", "chunk_blobs", "collect_blobs", "serve"]
+__all__ = ["HEServer", "serve"]
 
 T = TypeVar("T")
-
-
-def chunk_blobs(blobs: Sequence[bytes], chunk_bytes: int) -> Iterator[he_pb2.CiphertextChunk]:
-    """Split serialised ciphertexts into CiphertextChunk messages of <= chunk_bytes data."""
-    step = max(1, int(chunk_bytes))
-    for i, b in enumerate(blobs):
-        for off in range(0, max(len(b), 1), step):
-            part = b[off:off + step]
-            yield he_pb2.CiphertextChunk(
-                index=i, total_bytes=len(b),
-                data=common_pb2.Tensor(dtype=common_pb2.DTYPE_UINT8, shape=[len(part)], data=part,
-                                       encoding=common_pb2.ENCODING_CKKS))
-
-
-def collect_blobs(chunks: Iterator[he_pb2.CiphertextChunk], *, count: int, max_bytes: int) -> list[bytes]:
-    """Reassemble ``count`` ciphertexts from consecutive chunks; ProtocolError if malformed."""
-    out: list[bytearray] = []
-    totals: list[int] = []
-    for ch in chunks:
-        if ch.data.encoding != common_pb2.ENCODING_CKKS:
-            raise InvalidArgumentError("ciphertext chunk without ENCODING_CKKS")
-        if ch.index == len(out):
-            if ch.total_bytes > max_bytes or ch.total_bytes == 0:
-                raise InvalidArgumentError(f"ciphertext {ch.index} of {ch.total_bytes} bytes (limit {max_bytes})")
-            out.append(bytearray())
-            totals.append(ch.total_bytes)
-        elif ch.index != len(out) - 1 or len(out[-1]) >= totals[-1]:
-            raise ProtocolError(f"ciphertext chunk {ch.index} out of order")
-        out[-1] += ch.data.data
-        if len(out[-1]) > totals[-1]:
-            raise ProtocolError(f"ciphertext {ch.index} longer than announced")
-        if len(out) > count:
-            raise InvalidArgumentError(f"more than the announced {count} ciphertexts")
-    if len(out) != count or (out and len(out[-1]) != totals[-1]):
-        raise ProtocolError(f"received {len(out)} of {count} ciphertexts (stream ended early)")
-    return [bytes(b) for b in out]
 
 
 class _Servicer(he_pb2_grpc.HEInferenceServicer):
@@ -152,8 +117,6 @@ class _Servicer(he_pb2_grpc.HEInferenceServicer):
             h = first.header
             limit = self.service.limits.max_session_bytes
             if h.context_bytes + h.galois_key_bytes > limit:
-                from secureinfer.he.service import SessionLimitError
-
                 raise SessionLimitError(f"session keys of {h.context_bytes + h.galois_key_bytes} bytes exceed {limit}")
             ctx, gk = bytearray(), bytearray()
             for msg in it:

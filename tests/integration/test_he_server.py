@@ -26,7 +26,7 @@ from secureinfer.he.client import HEClient
 from secureinfer.he.convert import train_digits_he
 from secureinfer.he.model import forward, save_model
 from secureinfer.he.params import CkksParams
-from secureinfer.he.server import chunk_blobs
+from secureinfer.he.wire import chunk_blobs
 from secureinfer.transport import tls
 from secureinfer.v1 import he_pb2, he_pb2_grpc
 

@@ -266,3 +266,21 @@ def test_auto_relu_bounds_come_from_calibration_data() -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     with pytest.raises(ValueError, match="calibration"):
         from_torch(net, (6,), name="auto", relu_bound="auto")
+
+
+def test_ciphertext_chunking_roundtrip_and_malformed_streams() -> None:
+    from secureinfer.errors import ProtocolError
+    from secureinfer.he.wire import chunk_blobs, collect_blobs
+
+    blobs = [bytes(range(256)) * 3, b"x" * 10, bytes(1000)]
+    chunks = list(chunk_blobs(blobs, 97))
+    assert max(len(c.data.data) for c in chunks) == 97
+    assert collect_blobs(iter(chunks), count=3, max_bytes=10_000) == blobs
+    with pytest.raises(ProtocolError, match="ended early"):
+        collect_blobs(iter(chunks[:-1]), count=3, max_bytes=10_000)
+    with pytest.raises(ProtocolError, match="out of order"):
+        collect_blobs(iter([chunks[0], chunks[-1]]), count=3, max_bytes=10_000)
+    with pytest.raises(InvalidArgumentError, match="limit"):
+        collect_blobs(iter(chunks), count=3, max_bytes=500)
+    with pytest.raises(InvalidArgumentError, match="more than"):
+        collect_blobs(iter(chunks), count=2, max_bytes=10_000)
