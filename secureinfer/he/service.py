@@ -216,6 +216,11 @@ class HEService:
         if missing:
             raise InvalidArgumentError(f"the Galois keys do not cover rotation steps {missing} the layout needs")
         gk = self._io.load_galois_keys(seal, galois_keys) if need else None
+        if gk is not None:
+            tool = seal.key_context_data().galois_tool()
+            absent = [st for st in need if not gk.has_key(int(tool.get_elt_from_step(int(st))))]
+            if absent:
+                raise InvalidArgumentError(f"the Galois keys sent do not contain rotation steps {absent}")
         relin = ctx.data.relin_keys() if ctx.has_relin_keys() else None
         if relin is None and any(isinstance(st, SquareStep) for st in m.program.steps):
             raise InvalidArgumentError("the context has no relinearisation keys but the model squares")
@@ -277,7 +282,7 @@ class HEService:
         cts = []
         for i, b in enumerate(blobs):
             ct = self._io.load_ciphertext(s.seal_context, b)
-            if list(ct.parms_id()) != list(first) or ct.size() != 2:
+            if list(ct.parms_id()) != list(first) or ct.size() != 2 or not ct.is_ntt_form():
                 raise InvalidArgumentError(f"ciphertext {i} is not a fresh ciphertext at the first level")
             if abs(ct.scale - scale) > 1e-6 * scale:
                 raise InvalidArgumentError(f"ciphertext {i} has scale {ct.scale:g}, the session uses 2^{s.params.scale_bits}")

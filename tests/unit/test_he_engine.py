@@ -165,3 +165,13 @@ def test_session_limits_expiry_and_ownership(model: HEModel, client: ClientConte
     with _svc([model], limits=ServiceLimits(max_session_bytes=1000)) as svc:
         with pytest.raises(SessionLimitError, match="exceed"):
             open_session(svc, client, model, 4096)
+
+
+def test_galois_keys_must_really_cover_the_claimed_steps(model: HEModel, client: ClientContext) -> None:
+    with _svc([model]) as svc:
+        plan = svc.model(model.name).plan(client.params.slots, 1)
+        steps = plan.galois_steps()
+        with pytest.raises(InvalidArgumentError, match="do not contain rotation steps"):
+            svc.open_session(owner="c", model_name=model.name, bp=1, scale_bits=client.params.scale_bits,
+                             context=client.public_context_bytes(), galois_keys=client.galois_key_bytes(steps[:1]),
+                             galois_steps=steps)
