@@ -227,6 +227,21 @@ def test_matmul_broadcasting(sa: tuple[int, ...], sb: tuple[int, ...]) -> None:
     assert torch.equal(ring.matmul(a, ring.prepare(b)), ref)
 
 
+@pytest.mark.parametrize("numpy_max", [0, 1 << 40], ids=["torch-elementwise", "numpy-elementwise"])
+def test_both_elementwise_paths(numpy_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small CPU tensors take a numpy path for the limb split and combine: check both."""
+    monkeypatch.setattr(ring, "_NUMPY_MAX", numpy_max)
+    a, b = near_worst((3, 1100), "pa"), ring_data((5, 1100), "pb").T  # transposed b
+    assert torch.equal(ring.matmul(a, b), a @ b)
+    assert torch.equal(ring.matmul(a[:, ::2], ring.prepare(b[::2])), a[:, ::2] @ b[::2])
+    a3, b3 = ring_data((2, 3, 4, 600), "pc"), ring_data((3, 600, 2), "pd")
+    assert torch.equal(ring.matmul(a3, b3), torch.matmul(a3, b3))
+    x, w = ring_data((2, 64, 5, 5), "px"), ring_data((4, 32, 3, 3), "pw")
+    for method in ("conv", "im2col"):
+        got = ring.conv2d(x, w, padding=1, groups=2, method=method)
+        assert torch.equal(got, conv_reference(x, w, 1, 1, 1, 2))
+
+
 def test_matmul_non_contiguous_inputs() -> None:
     a, b = ring_data((9, 6), "nca"), ring_data((5, 9), "ncb")
     assert torch.equal(ring.matmul(a.T, b.T), a.T @ b.T)
