@@ -30,7 +30,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     limits = ServiceLimits(max_sessions=args.max_sessions, idle_timeout_s=args.idle_timeout,
                            max_batch_pack=args.max_batch_pack, max_input_ciphertexts=args.max_input_ciphertexts,
                            flood_sigma=args.flood_sigma, cache_bytes=args.cache_mb * 1024 * 1024,
-                           max_session_bytes=args.max_session_mb * 1024 * 1024)
+                           max_session_bytes=args.max_session_mb * 1024 * 1024,
+                           max_concurrent=args.max_concurrent)
     serve(_topology(args), models=args.model, limits=limits, address=args.address)
     return 0
 
@@ -79,6 +80,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
     sp.add_argument("--max-input-ciphertexts", type=int, default=1024)
     sp.add_argument("--max-session-mb", type=int, default=256)
     sp.add_argument("--cache-mb", type=int, default=512, help="encoded-weight cache size")
+    sp.add_argument("--max-concurrent", type=int, default=2, help="requests evaluated / buffered at once")
     sp.set_defaults(func=_cmd_serve)
 
     sp = sub.add_parser("infer", help="encrypted inference on a .npy input (role client)")

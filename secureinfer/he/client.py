@@ -116,7 +116,7 @@ class HEClient:
     ``params`` fixes the CKKS parameters (default: selected per model); ``batch_pack``
     caps images per slot group; ``interceptors`` wrap the channel (tests use them to see
     the exact bytes sent); ``timeout_s`` is the deadline of each RPC (default
-    ``cluster.request_timeout_s``).
+    ``cluster.request_timeout_s``). Not thread-safe: use one client per thread.
     """
 
     def __init__(self, config: str | os.PathLike[str] | Topology, *, identity: str = "client",

@@ -73,8 +73,10 @@ class _Servicer(he_pb2_grpc.HEInferenceServicer):
         return require_role(context, ROLE_CLIENT, insecure_metadata=self.insecure).name
 
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
-        return self._guard(context, lambda: (peer_identity(context, insecure_metadata=self.insecure),
-                                             common_pb2.ServerLiveResponse(live=True))[1])
+        def run() -> Any:
+            peer_identity(context, insecure_metadata=self.insecure)
+            return common_pb2.ServerLiveResponse(live=True)
+        return self._guard(context, run)
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         def run() -> Any:
@@ -169,10 +171,6 @@ class _Servicer(he_pb2_grpc.HEInferenceServicer):
                         raise InvalidArgumentError("unexpected header after the first Infer message")
                     yield msg.ciphertext
 
-            blobs = collect_blobs(chunks(), count=h.n_ciphertexts,
-                                  max_bytes=self.service.max_ciphertext_bytes(s.params))
-            bytes_in = sum(len(b) for b in blobs)
-
             def check() -> None:
                 if not context.is_active():
                     raise DeadlineExceededError("the client cancelled the request or its deadline passed")
@@ -180,8 +178,13 @@ class _Servicer(he_pb2_grpc.HEInferenceServicer):
                 if remaining is not None and remaining <= 0:
                     raise DeadlineExceededError("the request ran past its deadline")
 
-            out, stats = self.service.infer(s, batch_size=h.batch_size, fingerprint=h.context_fingerprint,
-                                            blobs=blobs, check=check)
+            # at most limits.max_concurrent requests hold ciphertexts in memory at once
+            with self.service.request_slot(timeout_s=context.time_remaining()):
+                blobs = collect_blobs(chunks(), count=h.n_ciphertexts,
+                                      max_bytes=self.service.max_ciphertext_bytes(s.params))
+                bytes_in = sum(len(b) for b in blobs)
+                out, stats = self.service.infer(s, batch_size=h.batch_size, fingerprint=h.context_fingerprint,
+                                                blobs=blobs, check=check)
             msgs: list[Any] = [he_pb2.HEInferResponse(ciphertext=c) for c in chunk_blobs(out, self.chunk_bytes)]
             bytes_out = sum(len(b) for b in out)
             sigma = self.service.limits.flood_sigma

@@ -18,21 +18,24 @@ Checks before anything is evaluated (each a clear error, never a crash):
   the session's scale, and their count matches the plan.
 
 Limits: at most ``max_sessions`` open sessions (expired ones are swept first; otherwise
-RESOURCE_EXHAUSTED), at most ``max_session_bytes`` of keys per session, sessions expire
+RESOURCE_EXHAUSTED), at most ``max_concurrent`` requests holding ciphertexts at once
+(others wait until their deadline), at most ``max_session_bytes`` of keys per session, sessions expire
 after ``idle_timeout_s`` without use, ciphertexts larger than the parameters allow are
 refused, and a plan may not need more than ``max_input_ciphertexts`` inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from secureinfer.errors import (
+    DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
     PermissionDeniedError,
@@ -72,6 +75,7 @@ class ServiceLimits:
     max_batch_pack: int = 32768
     flood_sigma: float = 0.0
     cache_bytes: int = 512 * 1024 * 1024
+    max_concurrent: int = 2
 
 
 @dataclass
@@ -143,11 +147,23 @@ class HEService:
         self._cache = PlaintextCache(limits.cache_bytes)
         self._prg = Prg.from_os()
         self._prg_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max(1, limits.max_concurrent))
 
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()
         self._io.close()
+
+    @contextlib.contextmanager
+    def request_slot(self, *, timeout_s: float | None) -> Iterator[None]:
+        """Admission control: wait (up to the request's deadline) for one of ``max_concurrent`` slots."""
+        if not self._slots.acquire(timeout=timeout_s if timeout_s is None or timeout_s > 0 else 0):
+            raise DeadlineExceededError(f"the server is busy with {self.limits.max_concurrent} requests and the "
+                                        "request's deadline passed while it waited")
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     # ------------------------------------------------------------------ models
 
