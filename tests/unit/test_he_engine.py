@@ -175,3 +175,15 @@ def test_galois_keys_must_really_cover_the_claimed_steps(model: HEModel, client:
             svc.open_session(owner="c", model_name=model.name, bp=1, scale_bits=client.params.scale_bits,
                              context=client.public_context_bytes(), galois_keys=client.galois_key_bytes(steps[:1]),
                              galois_steps=steps)
+
+
+def test_admission_control_bounds_concurrent_requests(model: HEModel) -> None:
+    from secureinfer.errors import DeadlineExceededError
+
+    with _svc([model], limits=ServiceLimits(max_concurrent=1)) as svc:
+        with svc.request_slot(timeout_s=1.0):
+            with pytest.raises(DeadlineExceededError, match="busy"):
+                with svc.request_slot(timeout_s=0.05):
+                    pass
+        with svc.request_slot(timeout_s=0.05):  # released again
+            pass
