@@ -23,10 +23,18 @@ import numpy as np
 from secureinfer.errors import ShapeError, UnsupportedModelError
 from secureinfer.graph.ir import Graph, Node, TensorSpec
 
-__all__ = ["Builder", "OPAQUE"]
+__all__ = ["Builder", "ImportProblem", "OPAQUE"]
 
 #: prefix of values produced by unsupported nodes (they never reach the graph)
 OPAQUE = "\x00opaque:"
+
+
+class ImportProblem(Exception):
+    """A node the importer cannot map; ``kind`` keys :data:`secureinfer.graph.validate.SUGGESTIONS`."""
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class Builder:
@@ -146,15 +154,15 @@ class Builder:
         return self.affine(x, weight=np.ones_like(vec), bias=vec, axis=axis, name=name, origin=origin)
 
     def reshape(self, x: str, out_shape: Sequence[int], *, name: str, origin: str) -> str:
-        """A batch-preserving reshape of ``x`` to ``out_shape`` as ``flatten``/``reshape`` (or nothing)."""
+        """A batch-preserving reshape of ``x`` to ``out_shape`` as ``flatten``/``reshape`` (or nothing);
+        ImportProblem if it would move data across the batch axis."""
         src = self.shapes[x]
         out = tuple(int(d) for d in out_shape)
         if out == src:
             return x
         if not out or out[0] != src[0] or math.prod(out) != math.prod(src):
-            self.problem(f"{origin}: reshape {src} -> {out} mixes the batch axis with the others "
-                         "(keep the batch first: x.flatten(1) or x.reshape(x.shape[0], ...))")
-            return self.opaque(out, name)
+            raise ImportProblem(f"reshape {src} -> {out} mixes the batch axis with the others "
+                                "(keep the batch first: x.flatten(1) or x.reshape(x.shape[0], ...))")
         for s in range(1, len(src)):
             if out == (*src[:s], math.prod(src[s:])):
                 return self.emit("flatten", [x], {"start_dim": s}, name=name, origin=origin, expect=out)

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
-from secureinfer.graph.builder import Builder
+from secureinfer.graph.builder import Builder, ImportProblem
 from secureinfer.graph.ir import Graph
 from secureinfer.graph.validate import suggestion
 
@@ -59,12 +59,6 @@ __all__ = ["SUPPORTED_OPSETS", "from_onnx"]
 
 SUPPORTED_OPSETS = range(13, 26)
 _ALIAS = {"Identity", "Dropout", "Cast", "CastLike"}
-
-
-class _Unsupported(Exception):
-    def __init__(self, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def _load(model_or_path: Any) -> Any:
@@ -161,7 +155,7 @@ class _Importer:
     def x(self, node: Any, k: int = 0) -> str:
         v = self.act(node.input[k]) if k < len(node.input) else None
         if v is None:
-            raise _Unsupported(f"input {k} is not an activation computed from the model input")
+            raise ImportProblem(f"input {k} is not an activation computed from the model input")
         return v
 
     # ------------------------------------------------------------------ walk
@@ -191,7 +185,7 @@ class _Importer:
                     kind, src, extra = fused.final[id(node)]
                     value = self.fused(node, kind, src, extra)
                 elif node.domain not in ("", "ai.onnx"):
-                    raise _Unsupported(f"operator of domain {node.domain!r}")
+                    raise ImportProblem(f"operator of domain {node.domain!r}")
                 elif all(i == "" or i in self.consts for i in node.input) and node.op_type != "Shape":
                     self.fold(node)
                     continue
@@ -201,14 +195,14 @@ class _Importer:
                 elif node.op_type in _ALIAS:
                     if node.op_type == "Dropout" and len(node.input) > 2 and self.const(node.input[2]) is not None \
                             and bool(self.const(node.input[2])):
-                        raise _Unsupported("Dropout in training mode", "training")
+                        raise ImportProblem("Dropout in training mode", "training")
                     value = self.x(node)
                 else:
                     handler = getattr(self, f"op_{node.op_type}", None)
                     if handler is None:
-                        raise _Unsupported(f"ONNX op {node.op_type} is not supported", node.op_type)
+                        raise ImportProblem(f"ONNX op {node.op_type} is not supported", node.op_type)
                     value = handler(node, _attrs(node))
-            except _Unsupported as exc:
+            except ImportProblem as exc:
                 hint = suggestion(exc.kind) if exc.kind else None
                 self.b.problem(f"{self.where(node)}: {exc}" + (f" -> {hint}" if hint else ""))
                 value = self.b.opaque(self.expect(node.output[0]) or (self.b.batch,), node.output[0])
@@ -269,7 +263,7 @@ class _Importer:
     def fused(self, node: Any, kind: str, src: str, extra: dict[str, Any]) -> str:
         x = self.act(src)
         if x is None:
-            raise _Unsupported(f"{kind} of a value that is not an activation")
+            raise ImportProblem(f"{kind} of a value that is not an activation")
         if kind == "gelu":
             return self.emit(node, "gelu", [x])
         size = self.b.shapes[x][-1]
@@ -283,18 +277,18 @@ class _Importer:
 
     def op_Gemm(self, node: Any, a: dict[str, Any]) -> str:
         if a.get("transA", 0):
-            raise _Unsupported("Gemm with transA=1 (transposed activation)", "transpose")
+            raise ImportProblem("Gemm with transA=1 (transposed activation)", "transpose")
         w = self.const(node.input[1])
         if w is None:
-            raise _Unsupported("Gemm with a non-constant B", "matmul")
+            raise ImportProblem("Gemm with a non-constant B", "matmul")
         w = float(a.get("alpha", 1.0)) * (w.T if a.get("transB", 0) else w)
         c = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and c is None:
-            raise _Unsupported("Gemm with a non-constant C")
+            raise ImportProblem("Gemm with a non-constant C")
         bias = None
         if c is not None:
             if c.ndim == 2 and c.shape[0] != 1:
-                raise _Unsupported("Gemm with a per-row C")
+                raise ImportProblem("Gemm with a per-row C")
             bias = np.broadcast_to(float(a.get("beta", 1.0)) * c.reshape(-1), (w.shape[1],))
         return self._linear(node, self.x(node), w, bias)
 
@@ -305,7 +299,7 @@ class _Importer:
         w = self.const(node.input[1])
         if xa is not None and w is not None and w.ndim == 2:
             return self._linear(node, xa, w, None)
-        raise _Unsupported("MatMul with a constant on the left or a batched constant", "transpose")
+        raise ImportProblem("MatMul with a constant on the left or a batched constant", "transpose")
 
     def _pads(self, node: Any, a: dict[str, Any], spatial: Sequence[int], k: Sequence[int], s: Sequence[int],
               d: Sequence[int]) -> list[int]:
@@ -318,21 +312,21 @@ class _Importer:
             for n, kk, ss, dd in zip(spatial, k, s, d):
                 total = max((-(-n // ss) - 1) * ss + (kk - 1) * dd + 1 - n, 0)
                 if total % 2:
-                    raise _Unsupported(f"auto_pad={auto} with asymmetric padding", "conv_padding")
+                    raise ImportProblem(f"auto_pad={auto} with asymmetric padding", "conv_padding")
                 out.append(total // 2)
             return out
         pads = list(a.get("pads", [0, 0, 0, 0]))
         if pads[:2] != pads[2:]:
-            raise _Unsupported(f"asymmetric pads {pads}", "conv_padding")
+            raise ImportProblem(f"asymmetric pads {pads}", "conv_padding")
         return [int(p) for p in pads[:2]]
 
     def op_Conv(self, node: Any, a: dict[str, Any]) -> str:
         x = self.x(node)
         w = self.const(node.input[1])
         if w is None:
-            raise _Unsupported("Conv with a non-constant kernel")
+            raise ImportProblem("Conv with a non-constant kernel")
         if w.ndim != 4:
-            raise _Unsupported(f"{w.ndim - 2}-D Conv", "conv1d")
+            raise ImportProblem(f"{w.ndim - 2}-D Conv", "conv1d")
         k = [int(w.shape[2]), int(w.shape[3])]
         s, d = list(a.get("strides", [1, 1])), list(a.get("dilations", [1, 1]))
         pads = self._pads(node, a, self.b.shapes[x][2:], k, s, d)
@@ -344,10 +338,10 @@ class _Importer:
 
     def op_BatchNormalization(self, node: Any, a: dict[str, Any]) -> str:
         if a.get("training_mode", 0):
-            raise _Unsupported("BatchNormalization in training mode", "training")
+            raise ImportProblem("BatchNormalization in training mode", "training")
         scale, bias, mean, var = (self.const(i) for i in node.input[1:5])
         if any(v is None for v in (scale, bias, mean, var)):
-            raise _Unsupported("BatchNormalization with non-constant statistics")
+            raise ImportProblem("BatchNormalization with non-constant statistics")
         w = scale.astype(np.float64) / np.sqrt(var.astype(np.float64) + float(a.get("epsilon", 1e-5)))
         return self.b.affine(self.x(node), weight=w, bias=bias - mean * w, axis=1, name=self.base_name(node),
                              origin=self.where(node))
@@ -361,7 +355,7 @@ class _Importer:
         hi = node.input[2] if len(node.input) > 2 else ""
         if _near(lo, 0.0) and not hi:
             return self.op_Relu(node, a)
-        raise _Unsupported("Clip other than Clip(min=0)", "clamp")
+        raise ImportProblem("Clip other than Clip(min=0)", "clamp")
 
     def op_LeakyRelu(self, node: Any, a: dict[str, Any]) -> str:
         return self.emit(node, "leaky_relu", [self.x(node)], {"negative_slope": float(a.get("alpha", 0.01))})
@@ -369,7 +363,7 @@ class _Importer:
     def op_PRelu(self, node: Any, a: dict[str, Any]) -> str:
         slope = self.const(node.input[1])
         if slope is None or slope.size != 1:
-            raise _Unsupported("PRelu with one slope per channel", "prelu")
+            raise ImportProblem("PRelu with one slope per channel", "prelu")
         return self.emit(node, "leaky_relu", [self.x(node)], {"negative_slope": float(slope.reshape(-1)[0])})
 
     def op_Sigmoid(self, node: Any, a: dict[str, Any]) -> str:
@@ -385,14 +379,14 @@ class _Importer:
         x = self.x(node)
         axis = int(a.get("axis", -1)) % len(self.b.shapes[x])
         if axis == 0:
-            raise _Unsupported("Softmax over the batch axis")
+            raise ImportProblem("Softmax over the batch axis")
         return self.emit(node, "softmax", [x], {"axis": axis})
 
     def op_LayerNormalization(self, node: Any, a: dict[str, Any]) -> str:
         x = self.x(node)
         nd = len(self.b.shapes[x])
         if int(a.get("axis", -1)) % nd != nd - 1:
-            raise _Unsupported("LayerNormalization over more than the last axis")
+            raise ImportProblem("LayerNormalization over more than the last axis")
         scale = self.const(node.input[1])
         bias = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         attrs = {"axis": -1, "size": int(self.b.shapes[x][-1]), "eps": float(a.get("epsilon", 1e-5))}
@@ -404,18 +398,18 @@ class _Importer:
         name, origin = self.base_name(node), self.where(node)
         if p is not None and q is not None:
             if op in ("Mul", "Div"):
-                raise _Unsupported(f"element-wise {op} of two activations", op.lower())
+                raise ImportProblem(f"element-wise {op} of two activations", op.lower())
             if op == "Sub":
                 q = self.b.affine(q, weight=np.array(-1.0), bias=None, axis=1, name=f"{name}.neg", origin=origin)
             return self.emit(node, "add", [p, q])
         if p is None and q is None:
-            raise _Unsupported(f"{op} of values the importer could not map")
+            raise ImportProblem(f"{op} of values the importer could not map")
         x, c = (p, self.const(node.input[1])) if p is not None else (q, self.const(node.input[0]))
         if c is None:
-            raise _Unsupported(f"{op} with an input the importer could not map")
+            raise ImportProblem(f"{op} with an input the importer could not map")
         c = c.astype(np.float64)
         if op == "Div" and p is None:
-            raise _Unsupported("division by an activation", "div")
+            raise ImportProblem("division by an activation", "div")
         if op in ("Mul", "Div"):
             y = self.b.const_affine(x, c if op == "Mul" else 1.0 / c, mul=True, name=name, origin=origin)
         elif op == "Sub" and p is None:  # c - x
@@ -424,7 +418,7 @@ class _Importer:
         else:
             y = self.b.const_affine(x, -c if op == "Sub" else c, mul=False, name=name, origin=origin)
         if y is None:
-            raise _Unsupported(f"{op} with a constant that varies along more than one axis (the IR applies constants "
+            raise ImportProblem(f"{op} with a constant that varies along more than one axis (the IR applies constants "
                                "per channel only)")
         return y
 
@@ -437,10 +431,10 @@ class _Importer:
     def op_Concat(self, node: Any, a: dict[str, Any]) -> str:
         xs = [self.act(i) for i in node.input]
         if any(v is None for v in xs):
-            raise _Unsupported("Concat of a constant with activations")
+            raise ImportProblem("Concat of a constant with activations")
         axis = int(a["axis"]) % len(self.b.shapes[xs[0]])
         if axis == 0:
-            raise _Unsupported("Concat along the batch axis")
+            raise ImportProblem("Concat along the batch axis")
         return xs[0] if len(xs) == 1 else self.emit(node, "concat", xs, {"axis": axis})
 
     # ------------------------------------------------------------------ pooling
@@ -448,18 +442,18 @@ class _Importer:
         x = self.x(node)
         k = [int(v) for v in a["kernel_shape"]]
         if len(k) != 2:
-            raise _Unsupported(f"{len(k)}-D pooling", "max_pool1d" if op == "maxpool2d" else "avg_pool1d")
+            raise ImportProblem(f"{len(k)}-D pooling", "max_pool1d" if op == "maxpool2d" else "avg_pool1d")
         s = [int(v) for v in a.get("strides", [1, 1])]
         if list(a.get("dilations", [1, 1])) != [1, 1]:
-            raise _Unsupported("pooling with dilations", "maxpool_dilation")
+            raise ImportProblem("pooling with dilations", "maxpool_dilation")
         pads = self._pads(node, a, self.b.shapes[x][2:], k, s, [1, 1])
         if op == "avgpool2d" and any(pads) and not a.get("count_include_pad", 0):
-            raise _Unsupported("AveragePool with pads and count_include_pad=0", "avgpool_exclude_pad")
+            raise ImportProblem("AveragePool with pads and count_include_pad=0", "avgpool_exclude_pad")
         h, w = self.b.shapes[x][2:]
         floor = ((h + 2 * pads[0] - k[0]) // s[0] + 1, (w + 2 * pads[1] - k[1]) // s[1] + 1)
         exp = self.expect(node.output[0])
         if a.get("ceil_mode", 0) and exp is not None and tuple(exp[2:]) != floor:
-            raise _Unsupported("ceil_mode=1 that changes the output size",
+            raise ImportProblem("ceil_mode=1 that changes the output size",
                                "maxpool_ceil" if op == "maxpool2d" else "avgpool_ceil")
         return self.emit(node, op, [x], {"kernel_size": k, "stride": s, "padding": pads})
 
@@ -480,7 +474,7 @@ class _Importer:
             axes = self.const(node.input[1])
         dims = {int(v) % len(shp) for v in (axes if axes is not None else range(len(shp)))}
         if len(shp) != 4 or dims != {2, 3}:
-            raise _Unsupported(f"ReduceMean over axes {sorted(dims)}", "mean")
+            raise ImportProblem(f"ReduceMean over axes {sorted(dims)}", "mean")
         y = self.b.emit("global_avgpool", [x], name=self.base_name(node), origin=self.where(node))
         if not a.get("keepdims", 1):
             y = self.b.reshape(y, shp[:2], name=f"{self.base_name(node)}.flat", origin=self.where(node))
@@ -499,7 +493,7 @@ class _Importer:
         shp = self.b.shapes[self.x(node)]
         target = self.const(node.input[1])
         if target is None:
-            raise _Unsupported("Reshape to a shape computed from activations")
+            raise ImportProblem("Reshape to a shape computed from activations")
         tgt = [int(v) for v in target.reshape(-1)]
         if not a.get("allowzero", 0):
             tgt = [shp[i] if v == 0 else v for i, v in enumerate(tgt)]
@@ -514,7 +508,7 @@ class _Importer:
         if len(node.input) > 1 and node.input[1]:
             c = self.const(node.input[1])
             if c is None:
-                raise _Unsupported("axes computed from activations")
+                raise ImportProblem("axes computed from activations")
             return [int(v) for v in c.reshape(-1)]
         return None
 
@@ -533,7 +527,7 @@ class _Importer:
         return self._reshape(node, out)
 
     def op_Transpose(self, node: Any, a: dict[str, Any]) -> str:
-        raise _Unsupported("Transpose of an activation", "transpose")
+        raise ImportProblem("Transpose of an activation", "transpose")
 
 
 class _Patterns:

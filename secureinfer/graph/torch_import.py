@@ -57,7 +57,7 @@ import torch
 from torch import fx, nn
 
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
-from secureinfer.graph.builder import Builder
+from secureinfer.graph.builder import Builder, ImportProblem
 from secureinfer.graph.ir import Graph
 from secureinfer.graph.validate import suggestion
 
@@ -66,12 +66,6 @@ __all__ = ["from_exported", "from_script", "from_torch"]
 _ALIAS = {"clone", "contiguous", "detach", "alias", "lift_fresh_copy", "_to_copy", "to", "type_as", "view_as_real"}
 _RESHAPE = {"view", "reshape", "_unsafe_view", "flatten", "unsqueeze", "squeeze", "view_as", "expand_as"}
 _DROPOUT = {"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout", "native_dropout"}
-
-
-class _Unsupported(Exception):
-    def __init__(self, message: str, kind: str | None = None) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 def _pair(v: Any) -> list[int]:
@@ -107,6 +101,7 @@ class _Importer:
         self.fqn: dict[str, str] = {}
         self.vals: dict[str, Any] = {}
         self.b: Builder | None = None
+        self.module_problems: dict[str, list[tuple[str, str | None]]] = {}
 
     # ------------------------------------------------------------------ helpers
     def act(self, arg: Any) -> str | None:
@@ -124,11 +119,11 @@ class _Importer:
     def shape(node: fx.Node) -> tuple[int, ...]:
         val = node.meta.get("val")
         if not isinstance(val, torch.Tensor):
-            raise _Unsupported("produces a value that is not a tensor")
+            raise ImportProblem("produces a value that is not a tensor")
         try:
             return tuple(int(d) for d in val.shape)
         except (TypeError, ValueError) as exc:
-            raise _Unsupported("has a dynamic (symbolic) shape; export with static shapes") from exc
+            raise ImportProblem("has a dynamic (symbolic) shape; export with static shapes") from exc
 
     def where(self, node: fx.Node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
@@ -187,6 +182,14 @@ class _Importer:
                 self.call(node)
             elif node.op == "get_attr":
                 self.b.problem(f"{self.where(node)}: control flow / submodule calls are not supported")
+        for where, items in self.module_problems.items():
+            if len(items) == 1:
+                msg, hint = items[0]
+            else:
+                kind = where.rsplit("(", 1)[-1].rstrip(")").removeprefix("nn.")
+                msg = f"{kind} is not supported ({'; '.join(dict.fromkeys(m for m, _ in items))})"
+                hint = suggestion(kind)
+            self.b.problem(f"{where}: {msg}" + (f" -> {hint}" if hint else ""))
         outs = [s.arg.name for s in sig.output_specs if s.kind == OutputKind.USER_OUTPUT]
         values: list[str] = []
         for o in outs:
@@ -215,6 +218,8 @@ class _Importer:
             src, idx = node.args[0], node.args[1]
             if src.name in self.consts:
                 self.consts[node.name] = self.consts[src.name][idx]
+            elif isinstance(self.vals.get(src.name), str):  # an unsupported multi-output op: stay opaque
+                self.vals[node.name] = self.vals[src.name]
             elif isinstance(self.vals.get(src.name), (list, tuple)):
                 v = self.vals[src.name][idx]
                 if v is None and node.users:
@@ -251,16 +256,24 @@ class _Importer:
                                   origin=self.where(node))
             elif base in _DROPOUT:
                 if a.get("train"):
-                    raise _Unsupported("dropout in training mode", "training")
+                    raise ImportProblem("dropout in training mode", "training")
                 value = self.act(node.args[0])
                 if base == "native_dropout":
                     value = [value, None]
             else:
-                raise _Unsupported(f"aten.{base} is not supported", base)
-        except _Unsupported as exc:
+                raise ImportProblem(f"aten.{base} is not supported", base)
+        except ImportProblem as exc:
             hint = suggestion(exc.kind) if exc.kind else None
-            b.problem(f"{self.where(node)}: {exc}" + (f" -> {hint}" if hint else ""))
-            value = b.opaque(self.shape(node), node.name) if isinstance(node.meta.get("val"), torch.Tensor) else None
+            where = self.where(node)
+            if " (" in where and not where.startswith("node "):  # inside a leaf nn module: one entry per module
+                self.module_problems.setdefault(where, []).append((str(exc), hint))
+            else:
+                b.problem(f"{where}: {exc}" + (f" -> {hint}" if hint else ""))
+            val = node.meta.get("val")
+            if isinstance(val, (list, tuple)):
+                value = [b.opaque(tuple(v.shape), node.name) if isinstance(v, torch.Tensor) else None for v in val]
+            else:
+                value = b.opaque(self.shape(node), node.name) if isinstance(val, torch.Tensor) else None
         self.vals[node.name] = value
         if inplace and in_nodes:
             self.vals[in_nodes[0].name] = value
@@ -279,7 +292,7 @@ class _Importer:
     def _x(self, arg: Any) -> str:
         x = self.act(arg)
         if not isinstance(x, str):
-            raise _Unsupported("operates on a value the importer could not map")
+            raise ImportProblem("operates on a value the importer could not map")
         return x
 
     def emit(self, node: fx.Node, a: dict[str, Any], op: str, inputs: list[str], attrs: dict[str, Any] | None = None,
@@ -292,7 +305,7 @@ class _Importer:
     def op_linear(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         w, bias = self.const(a["weight"]), self.const(a["bias"]) if a.get("bias") is not None else None
         if w is None or w.dim() != 2:
-            raise _Unsupported("linear layer with a non-constant weight", "matmul")
+            raise ImportProblem("linear layer with a non-constant weight", "matmul")
         attrs = {"in_features": int(w.shape[1]), "out_features": int(w.shape[0])}
         return self.emit(node, a, "linear", [self._x(a["input"])], attrs, {"weight": w, "bias": bias})
 
@@ -300,11 +313,11 @@ class _Importer:
         w = self.const(a["weight"])
         bias = self.const(a["bias"]) if a.get("bias") is not None else None
         if w is None:
-            raise _Unsupported("convolution with a non-constant kernel")
+            raise ImportProblem("convolution with a non-constant kernel")
         if w.dim() != 4:
-            raise _Unsupported(f"{w.dim() - 2}-D convolution", "conv1d")
+            raise ImportProblem(f"{w.dim() - 2}-D convolution", "conv1d")
         if a.get("transposed"):
-            raise _Unsupported("transposed convolution", "conv_transpose2d")
+            raise ImportProblem("transposed convolution", "conv_transpose2d")
         kh, kw = int(w.shape[2]), int(w.shape[3])
         stride, dilation = _pair(a["stride"]), _pair(a["dilation"])
         pad = a["padding"]
@@ -312,7 +325,7 @@ class _Importer:
             if pad == "valid":
                 pad = [0, 0]
             elif (dilation[0] * (kh - 1)) % 2 or (dilation[1] * (kw - 1)) % 2:
-                raise _Unsupported("padding='same' with an even kernel (asymmetric padding)", "conv_padding")
+                raise ImportProblem("padding='same' with an even kernel (asymmetric padding)", "conv_padding")
             else:
                 pad = [dilation[0] * (kh - 1) // 2, dilation[1] * (kw - 1) // 2]
         groups = int(a["groups"])
@@ -324,14 +337,14 @@ class _Importer:
     op__convolution = op_conv2d
 
     def op_conv1d(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
-        raise _Unsupported("1-D convolution", "conv1d")
+        raise ImportProblem("1-D convolution", "conv1d")
 
     def op_batch_norm(self, node: fx.Node, a: dict[str, Any], base: str) -> Any:
         if a.get("training"):
-            raise _Unsupported("BatchNorm in training mode", "training")
+            raise ImportProblem("BatchNorm in training mode", "training")
         mean, var = self.const(a["running_mean"]), self.const(a["running_var"])
         if mean is None or var is None:
-            raise _Unsupported("BatchNorm without running statistics (track_running_stats=False)")
+            raise ImportProblem("BatchNorm without running statistics (track_running_stats=False)")
         x = self._x(a["input"])
         g = self.const(a["weight"]) if a.get("weight") is not None else torch.ones_like(mean)
         beta = self.const(a["bias"]) if a.get("bias") is not None else torch.zeros_like(mean)
@@ -350,7 +363,7 @@ class _Importer:
     def op_clamp(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         if a.get("min") in (0, 0.0) and a.get("max") is None:
             return self.op_relu(node, a, base)
-        raise _Unsupported(f"aten.{base} (clamp) is not supported", "clamp")
+        raise ImportProblem(f"aten.{base} (clamp) is not supported", "clamp")
 
     op_clamp_min = op_clamp
 
@@ -360,7 +373,7 @@ class _Importer:
     def op_prelu(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         w = self.const(a["weight"])
         if w is None or w.numel() != 1:
-            raise _Unsupported("PReLU with one slope per channel", "prelu")
+            raise ImportProblem("PReLU with one slope per channel", "prelu")
         return self.emit(node, a, "leaky_relu", [self._x(a["self"])], {"negative_slope": float(w.reshape(-1)[0])})
 
     def op_sigmoid(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
@@ -376,7 +389,7 @@ class _Importer:
         nd = len(self.shape(node))
         axis = int(a["dim"]) % nd
         if axis == 0:
-            raise _Unsupported("softmax over the batch axis")
+            raise ImportProblem("softmax over the batch axis")
         return self.emit(node, a, "softmax", [self._x(a["self"])], {"axis": axis})
 
     op__softmax = op_softmax
@@ -385,7 +398,7 @@ class _Importer:
         ns = list(a["normalized_shape"])
         shp = self.shape(node.args[0])
         if len(ns) != 1 or ns[0] != shp[-1]:
-            raise _Unsupported(f"LayerNorm over {ns} (only the last axis is supported; flatten the others first)")
+            raise ImportProblem(f"LayerNorm over {ns} (only the last axis is supported; flatten the others first)")
         w = self.const(a["weight"]) if a.get("weight") is not None else None
         bias = self.const(a["bias"]) if a.get("bias") is not None else None
         attrs = {"axis": -1, "size": int(ns[0]), "eps": float(a["eps"])}
@@ -404,14 +417,14 @@ class _Importer:
         p = _pair(a["padding"])
         d = _pair(a.get("dilation", 1))
         if d != [1, 1]:
-            raise _Unsupported("max pooling with dilation", "maxpool_dilation")
+            raise ImportProblem("max pooling with dilation", "maxpool_dilation")
         if a.get("divisor_override"):
-            raise _Unsupported("AvgPool2d(divisor_override=...)")
+            raise ImportProblem("AvgPool2d(divisor_override=...)")
         if op == "avgpool2d" and not a.get("count_include_pad", True) and any(p):
-            raise _Unsupported("AvgPool2d(count_include_pad=False) with padding", "avgpool_exclude_pad")
+            raise ImportProblem("AvgPool2d(count_include_pad=False) with padding", "avgpool_exclude_pad")
         floor = (_pool_floor(h, k[0], s[0], p[0]), _pool_floor(w, k[1], s[1], p[1]))
         if a.get("ceil_mode") and floor != self.shape(node)[2:]:
-            raise _Unsupported(f"{'MaxPool2d' if op == 'maxpool2d' else 'AvgPool2d'}(ceil_mode=True) that changes "
+            raise ImportProblem(f"{'MaxPool2d' if op == 'maxpool2d' else 'AvgPool2d'}(ceil_mode=True) that changes "
                                f"the output size", "maxpool_ceil" if op == "maxpool2d" else "avgpool_ceil")
         return self.emit(node, a, op, [x], {"kernel_size": k, "stride": s, "padding": p}, expect=op != "max_pool2d_with_indices")
 
@@ -431,7 +444,7 @@ class _Importer:
         if (oh, ow) == (1, 1):
             return self.emit(node, a, "global_avgpool", [x])
         if shp[2] % oh or shp[3] % ow:
-            raise _Unsupported(f"AdaptiveAvgPool2d({oh}, {ow}) on a {shp[2]}x{shp[3]} input", "adaptive_avg_pool2d")
+            raise ImportProblem(f"AdaptiveAvgPool2d({oh}, {ow}) on a {shp[2]}x{shp[3]} input", "adaptive_avg_pool2d")
         k = [shp[2] // oh, shp[3] // ow]
         return self.emit(node, a, "avgpool2d", [x], {"kernel_size": k, "stride": k, "padding": [0, 0]})
 
@@ -442,7 +455,7 @@ class _Importer:
         shp = self.b.shapes[x]
         dims = {int(d) % len(shp) for d in (a.get("dim") or [])}
         if len(shp) != 4 or dims != {2, 3}:
-            raise _Unsupported(f"mean over axes {sorted(dims)}", "mean")
+            raise ImportProblem(f"mean over axes {sorted(dims)}", "mean")
         y = self.b.emit("global_avgpool", [x], name=self.base_name(node, a), origin=self.where(node))
         return self.b.reshape(y, self.shape(node), name=f"{self.base_name(node, a)}.flat", origin=self.where(node))
 
@@ -467,9 +480,9 @@ class _Importer:
             y = None if c is None or y is None else self.b.const_affine(y, c.double().numpy(), mul=False, name=name,
                                                                         origin=origin)
         else:
-            raise _Unsupported(f"aten.{base} on values the importer could not map")
+            raise ImportProblem(f"aten.{base} on values the importer could not map")
         if y is None:
-            raise _Unsupported("adding a constant tensor that varies along more than one axis (the IR adds "
+            raise ImportProblem("adding a constant tensor that varies along more than one axis (the IR adds "
                                "constants per channel only)")
         return y
 
@@ -478,22 +491,22 @@ class _Importer:
     def _scale(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         xa, xb = self.act(a["self"]), self.act(a.get("other"))
         if isinstance(xa, str) and isinstance(xb, str):
-            raise _Unsupported(f"element-wise {base} of two secret tensors", base)
+            raise ImportProblem(f"element-wise {base} of two secret tensors", base)
         if base == "neg":
             c: torch.Tensor | None = torch.tensor(-1.0, dtype=torch.float64)
         elif base == "div":
             if not isinstance(xa, str) or a.get("rounding_mode") is not None:
-                raise _Unsupported("division by a secret tensor", "div")
+                raise ImportProblem("division by a secret tensor", "div")
             c = self.const(a["other"])
             c = None if c is None else 1.0 / c.double()
         else:
             c = self.const(a["other"]) if isinstance(xa, str) else self.const(a["self"])
         x = xa if isinstance(xa, str) else xb
         if c is None or not isinstance(x, str):
-            raise _Unsupported(f"aten.{base} on values the importer could not map")
+            raise ImportProblem(f"aten.{base} on values the importer could not map")
         y = self.b.const_affine(x, c.double().numpy(), mul=True, name=self.base_name(node, a), origin=self.where(node))
         if y is None:
-            raise _Unsupported(f"multiplying by a constant of shape {tuple(c.shape)} that varies along more than one "
+            raise ImportProblem(f"multiplying by a constant of shape {tuple(c.shape)} that varies along more than one "
                                "axis", "mul")
         return y
 
@@ -502,10 +515,10 @@ class _Importer:
     def op_cat(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         xs = [self.act(t) for t in a["tensors"]]
         if not all(isinstance(x, str) for x in xs):
-            raise _Unsupported("concatenating a constant with secret tensors")
+            raise ImportProblem("concatenating a constant with secret tensors")
         axis = int(a["dim"]) % len(self.shape(node))
         if axis == 0:
-            raise _Unsupported("concatenation along the batch axis")
+            raise ImportProblem("concatenation along the batch axis")
         if len(xs) == 1:
             return xs[0]
         return self.emit(node, a, "concat", xs, {"axis": axis})
@@ -520,17 +533,17 @@ class _Importer:
         if isinstance(xa, str) and w is not None and w.dim() == 2:
             attrs = {"in_features": int(w.shape[0]), "out_features": int(w.shape[1])}
             return self.emit(node, a, "linear", [xa], attrs, {"weight": w.t().contiguous(), "bias": None})
-        raise _Unsupported("matrix product with a constant on the left (W @ x) or a batched constant", "transpose")
+        raise ImportProblem("matrix product with a constant on the left (W @ x) or a batched constant", "transpose")
 
     op_mm = op_bmm = op_matmul
 
     def op_transpose(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
-        raise _Unsupported(f"aten.{base} of a secret tensor", "transpose")
+        raise ImportProblem(f"aten.{base} of a secret tensor", "transpose")
 
     op_t = op_permute = op_numpy_T = op_transpose
 
     def op_select(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
-        raise _Unsupported(f"aten.{base} (indexing a secret tensor)", "slice")
+        raise ImportProblem(f"aten.{base} (indexing a secret tensor)", "slice")
 
     op_slice = op_index = op_narrow = op_split = op_chunk = op_split_with_sizes = op_unbind = op_select
 

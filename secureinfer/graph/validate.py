@@ -38,6 +38,12 @@ SUGGESTIONS: dict[str, str] = {
     "hardswish": "replace nn.Hardswish by nn.ReLU or nn.GELU",
     "hardsigmoid": "replace nn.Hardsigmoid by nn.Sigmoid",
     "hardtanh": "replace nn.ReLU6/nn.Hardtanh by nn.ReLU",
+    "relu6": "replace nn.ReLU6 by nn.ReLU",
+    "lstm": "recurrent layers are not supported: use Conv2d over a (N, C, 1, L) sequence, or attention",
+    "gru": "recurrent layers are not supported: use Conv2d over a (N, C, 1, L) sequence, or attention",
+    "rnn": "recurrent layers are not supported: use Conv2d over a (N, C, 1, L) sequence, or attention",
+    "multiheadattention": "write attention from nn.Linear projections, torch.matmul and softmax, keeping the batch "
+                          "axis first and without transposes of activations",
     "clamp": "replace clamp/ReLU6 by nn.ReLU",
     "prelu": "use nn.PReLU(num_parameters=1) (imported as LeakyReLU) or nn.LeakyReLU",
     "log_softmax": "return the logits and apply log_softmax on the client after decryption",
@@ -48,15 +54,16 @@ SUGGESTIONS: dict[str, str] = {
     "avgpool_exclude_pad": "use AvgPool2d(count_include_pad=True) or padding=0",
     "adaptive_avg_pool2d": "AdaptiveAvgPool2d to a size other than 1 (or a divisor of the input size): "
                            "use AvgPool2d with an explicit kernel and stride",
-    "adaptive_max_pool2d": "use MaxPool2d with an explicit kernel, or AdaptiveAvgPool2d((1, 1))",
+    "adaptive_max_pool": "use MaxPool2d with an explicit kernel, or AdaptiveAvgPool2d((1, 1))",
     "conv1d": "use Conv2d with a (1, k) kernel on a (N, C, 1, L) input",
-    "conv_transpose2d": "use nn.Upsample-free designs: a strided Conv2d, or reshape + Linear",
+    "conv_transpose": "transposed convolutions are not supported: use a Linear to the upsampled size, or a "
+                      "design without upsampling",
     "convtranspose": "use a strided Conv, or reshape + Gemm",
     "conv_padding": "use symmetric padding (padding=k//2 with an odd kernel) and padding_mode='zeros'",
     "pad": "fold explicit padding into the following Conv2d (padding=...)",
     "max_pool1d": "use MaxPool2d on a (N, C, 1, L) input",
     "avg_pool1d": "use AvgPool2d on a (N, C, 1, L) input",
-    "upsample": "use a strided/transposed-free design: e.g. repeat via a fixed Linear, or avoid upsampling",
+    "upsample": "upsampling is not supported: use a Linear to the upsampled size, or avoid upsampling",
     "embedding": "embed on the client and send the embeddings as the model input",
     "transpose": "the IR has no transpose/permute of secret tensors: fold the transpose into the weights "
                  "(e.g. Linear on the other axis) or keep the batch-first layout",
@@ -73,7 +80,7 @@ SUGGESTIONS: dict[str, str] = {
     "training": "call model.eval() before importing (BatchNorm/Dropout in training mode)",
     "gelu": "the secure engine has no GELU yet: use nn.ReLU",
     "sigmoid": "the secure engine has no sigmoid yet: return logits and apply it on the client",
-    "tanh": "the secure engine has no tanh yet: use nn.ReLU or nn.Hardtanh-free designs",
+    "tanh": "the secure engine has no tanh yet: use nn.ReLU",
     "softmax": "return the logits and apply softmax on the client after decryption",
     "leaky_relu": "the secure engine has no LeakyReLU yet: use nn.ReLU",
     "layernorm": "the secure engine has no LayerNorm yet: use BatchNorm (foldable) where possible",
@@ -84,7 +91,12 @@ SUGGESTIONS: dict[str, str] = {
 def suggestion(kind: str) -> str | None:
     """The suggested rewrite for ``kind`` (ATen op, ONNX op type or IR op), if any."""
     k = kind.lower().removeprefix("aten::").removeprefix("aten.").split(".")[0].rstrip("_")
-    return SUGGESTIONS.get(k)
+    if k in SUGGESTIONS:
+        return SUGGESTIONS[k]
+    for prefix in ("upsample", "conv_transpose", "max_pool1d", "avg_pool1d", "adaptive_max_pool", "log_softmax"):
+        if k.startswith(prefix):
+            return SUGGESTIONS[prefix]
+    return None
 
 
 @dataclass(frozen=True)
