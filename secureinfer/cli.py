@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from secureinfer.errors import SecureInferError
+from secureinfer.errors import InvalidArgumentError, SecureInferError
 
 __all__ = ["main"]
 
@@ -47,8 +47,14 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
 
     topo = _topology(args)
     graph = load_model_file(Path(args.model), frac_bits=topo.cluster.frac_bits)
+    params = {}
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidArgumentError(f"--param takes KEY=VALUE, got {item!r}")
+        params[key] = value
     resp = deploy_graph(graph, name=args.name, config=topo, version=args.version or "", replace=args.replace,
-                        identity=args.identity)
+                        identity=args.identity, parameters=params)
     print(json.dumps({"name": resp.name, "version": resp.version, "deployment_id": resp.deployment_id}))
     return 0
 
@@ -71,6 +77,26 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     for m in list_models(_topology(args), identity=args.identity):
         print(json.dumps(m))
+    return 0
+
+
+def _cmd_dp_budget(args: argparse.Namespace) -> int:
+    from secureinfer.dp.ledger import BudgetLedger
+
+    topo = _topology(args)
+    path = Path(topo.party(args.id).data_dir) / "dp-ledger.db"
+    if not path.exists():
+        raise InvalidArgumentError(f"party {args.id} has no DP ledger at {path} (no DP request yet)")
+    with BudgetLedger(path, default_budget=None) as ledger:
+        keys = [k for k in ledger.clients() if k.split("/", 1)[0] == args.client
+                and (not args.model or k.split("/", 1)[1] == args.model)]
+        if not keys:
+            raise InvalidArgumentError(f"no DP budget recorded for client {args.client!r} on party {args.id}")
+        for k in keys:
+            b = ledger.budget(k)
+            print(json.dumps({"client": args.client, "model": k.split("/", 1)[1], "party": args.id,
+                              "epsilon_spent": ledger.spent(k), "epsilon_remaining": ledger.remaining(k),
+                              "budget_epsilon": b.epsilon, "budget_delta": b.delta}))
     return 0
 
 
@@ -99,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--version", default="")
     sp.add_argument("--replace", action="store_true", help="overwrite an existing version")
     sp.add_argument("--identity", default="owner")
+    sp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="deployment parameter, e.g. dp.epsilon=1 dp.clip=8 dp.budget_epsilon=20")
     _config_arg(sp)
     sp.set_defaults(func=_cmd_deploy)
 
@@ -115,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--identity", default="client")
     _config_arg(sp)
     sp.set_defaults(func=_cmd_models)
+
+    sp = sub.add_parser("dp", help="differential privacy: budgets")
+    dsub = sp.add_subparsers(dest="dp_command", required=True)
+    sp = dsub.add_parser("budget", help="a client's spent/remaining privacy budget (from a party's ledger)")
+    sp.add_argument("--client", required=True, help="client certificate name")
+    sp.add_argument("--model", default="", help="only this model")
+    sp.add_argument("--id", type=int, default=0, help="which party's ledger to read")
+    _config_arg(sp)
+    sp.set_defaults(func=_cmd_dp_budget)
 
     sp = sub.add_parser("demo", help="run a local demo cluster end to end")
     sp.add_argument("--workdir", default=".demo")

@@ -109,6 +109,8 @@ class Client:
         self.topology = self._c.topology
         self.timeout = timeout or self.topology.cluster.request_timeout_s
         self.last_cost: InferenceCost | None = None
+        #: per-request facts reported by the parties, e.g. ``dp.epsilon_spent`` / ``dp.epsilon_remaining``
+        self.last_info: dict[str, str] = {}
         self._prg = Prg.from_os()
 
     def __enter__(self) -> "Client":
@@ -149,6 +151,7 @@ class Client:
         resps: list[party_pb2.InferResponse] = self._c.call_all(
             lambda i, ch: party_pb2_grpc.InferenceStub(ch).Infer(reqs[i], timeout=self.timeout, metadata=self._c.metadata)
         )
+        self.last_info = dict(resps[0].info)
         out: dict[str, np.ndarray] = {}
         for oname in outputs:
             parts, frac = [], None
@@ -175,9 +178,14 @@ class Client:
 
 def deploy_graph(
     graph: Graph, *, name: str, config: str | Path | Topology, version: str = "", replace: bool = False,
-    identity: str = "owner",
+    identity: str = "owner", parameters: dict[str, str] | None = None,
 ) -> party_pb2.DeployResponse:
-    """Encode, share and send a model graph with parameters to every party (role ``owner``)."""
+    """Encode, share and send a model graph with parameters to every party (role ``owner``).
+
+    ``parameters`` are public deployment settings, e.g. a DP policy
+    (``{"dp.epsilon": "1", "dp.clip": "8", "dp.budget_epsilon": "20"}``; see
+    :mod:`secureinfer.party.dp`).
+    """
     c = _Cluster(config, identity)
     try:
         n = c.topology.n_parties
@@ -196,7 +204,8 @@ def deploy_graph(
         def send(i: int, ch: grpc.Channel) -> party_pb2.DeployResponse:
             data = per_party[i].SerializeToString()
             header = party_pb2.DeployHeader(name=name, version=version, deployment_id=deployment_id, replace=replace,
-                                            graph=gjson, total_bytes=len(data))
+                                            graph=gjson, total_bytes=len(data),
+                                            parameters={k: str(v) for k, v in (parameters or {}).items()})
             msgs = [party_pb2.DeployChunk(header=header)] + [party_pb2.DeployChunk(data=p) for p in split_chunks(data, chunk)]
             return party_pb2_grpc.ModelAdminStub(ch).Deploy(iter(msgs), timeout=timeout, metadata=c.metadata)
 
@@ -208,11 +217,12 @@ def deploy_graph(
 def deploy(
     module: torch.nn.Module, example_input: torch.Tensor | Sequence[int], *, name: str,
     config: str | Path | Topology, version: str = "", replace: bool = False, identity: str = "owner",
-    frac_bits: int | None = None,
+    frac_bits: int | None = None, parameters: dict[str, str] | None = None,
 ) -> party_pb2.DeployResponse:
     """Import a PyTorch model and deploy it as secret shares (see :func:`deploy_graph`)."""
     from secureinfer.graph.torch_import import from_torch
 
     topo = _topology(config)
     graph = from_torch(module.eval(), example_input, frac_bits=frac_bits or topo.cluster.frac_bits)
-    return deploy_graph(graph, name=name, config=topo, version=version, replace=replace, identity=identity)
+    return deploy_graph(graph, name=name, config=topo, version=version, replace=replace, identity=identity,
+                        parameters=parameters)

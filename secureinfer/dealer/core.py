@@ -42,7 +42,7 @@ from secureinfer.prg import derive_seed
 
 __all__ = ["DealerCore", "PURPOSES"]
 
-PURPOSES = ("logits", "argmax")
+PURPOSES = ("logits", "argmax", "dp")
 MAX_BATCH = 4096
 _Key = tuple[str, int, str]
 
@@ -147,7 +147,8 @@ class DealerCore:
 
     # ------------------------------------------------------------------ material
     def _generate(self, m: _Model, batch: int, purpose: str) -> _Set:
-        plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax")
+        plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax",
+                            dp_clip=1.0 if purpose == "dp" else None)  # the bound is not in the material
         b = BundleBuilder(m.n_parties)
         generate_request_material(plan, b, m.masks)
         parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
@@ -228,6 +229,17 @@ class DealerCore:
             self.counters["parts_fetched"] += 1
             self._forget_if_done(session_id, b, m.n_parties)
             return b.set.set_id, part
+
+    def forget_party(self, party_id: int) -> int:
+        """Drop every unbound set whose part was handed to ``party_id`` (it restarted)."""
+        dropped = 0
+        with self._lock:
+            for pool in self._pools.values():
+                for sid in [k for k, s in pool.items() if party_id in s.delivered]:
+                    del pool[sid]
+                    dropped += 1
+            self._lock.notify_all()
+        return dropped
 
     def _forget_if_done(self, session_id: str, b: _Binding, n: int) -> None:
         if len(b.served) == n:

@@ -114,6 +114,15 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
 
         return self._guard(ctx, "bind", run)
 
+    def Forget(self, req: dealer_pb2.ForgetRequest, ctx: grpc.ServicerContext) -> Any:
+        def run() -> dealer_pb2.ForgetResponse:
+            self._party(ctx, req.party_id)
+            dropped = self.s.core.forget_party(req.party_id)
+            self.s.log.info("forget", party=req.party_id, dropped=dropped)
+            return dealer_pb2.ForgetResponse(dropped=dropped)
+
+        return self._guard(ctx, "forget", run)
+
     def Release(self, req: dealer_pb2.ReleaseRequest, ctx: grpc.ServicerContext) -> Any:
         def run() -> dealer_pb2.ReleaseResponse:
             tls.require_role(ctx, ROLE_PARTY, insecure_metadata=not self.s.settings.tls)

@@ -285,6 +285,34 @@ class Relu(SecureOp):
 
 
 @register
+class Clip(SecureOp):
+    """``clip(x, -C, C)``: ``y = x - ReLU(x - C)``, then ``y + ReLU(-C - y)``. Two gates."""
+
+    op = "clip"
+
+    def infer(self, node, ins, ctx) -> ValueSpec:
+        return ValueSpec(ins[0].shape, ins[0].scale)
+
+    def material(self, b, name, node, ins, out, ctx, masks) -> None:
+        ell, cut = gate_params(ins[0].scale)
+        for k in ("hi", "lo"):
+            gate_material(b, f"{name}/{k}", shape=ins[0].shape, ell=ell, cut=cut, payload="relu", frac=0,
+                          method=ctx.method)
+
+    def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
+        c = round(node.attrs["bound"] * 2 ** ins[0].scale)
+        pub = c if s.party_id == 0 else 0
+        x = xs[0]
+        y = x - gate(s, x - pub, bundle=bundle, name=f"{name}/hi", payload="relu", scale=ins[0].scale,
+                     method=ctx.method)
+        return y + gate(s, -pub - y, bundle=bundle, name=f"{name}/lo", payload="relu", scale=ins[0].scale,
+                        method=ctx.method)
+
+    def rounds(self, node, ins, ctx) -> int:
+        return 2 * gate_rounds(ctx.method, ins[0].scale)
+
+
+@register
 class Trunc(SecureOp):
     op = "trunc"
 
@@ -485,3 +513,6 @@ class Concat(SecureOp):
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
         return torch.cat([upscale(x, out.scale - i.scale) for x, i in zip(xs, ins)], dim=node.attrs.get("axis", 1))
+
+
+import secureinfer.engine.ops_nonlinear  # noqa: F401  (registers ops)

@@ -79,8 +79,12 @@ def fixed_operand_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
 
 
 def compile_plan(
-    graph: Graph, *, batch: int, n_parties: int, method: str | None = None, argmax: bool = False
+    graph: Graph, *, batch: int, n_parties: int, method: str | None = None, argmax: bool = False,
+    dp_clip: float | None = None,
 ) -> Plan:
+    """Steps of one request. ``argmax`` adds the secure argmax output; ``dp_clip`` ends the
+    logits with a truncation to ``f`` bits and a clip to [-dp_clip, dp_clip] (the DP
+    release; the bound does not change the dealer material, only the public constant)."""
     if batch < 1:
         raise ShapeError("batch size must be at least 1")
     ctx = Ctx(f=graph.frac_bits, n_parties=n_parties, method=method or default_method(n_parties))
@@ -108,6 +112,17 @@ def compile_plan(
         specs[node.name] = out
         steps.append(Step(node.name, node, tuple(inputs), ins, out))
     outputs = {"logits": graph.outputs[0]}
+    if dp_clip is not None:
+        last = graph.outputs[0]
+        if specs[last].scale > ctx.f:
+            tnode = Node("dp/trunc", "trunc", (last,), {"frac": specs[last].scale - ctx.f})
+            specs["dp/trunc"] = OPS["trunc"].infer(tnode, (specs[last],), ctx)
+            steps.append(Step("dp/trunc", tnode, (last,), (specs[last],), specs["dp/trunc"]))
+            last = "dp/trunc"
+        cnode = Node("dp/clip", "clip", (last,), {"bound": float(dp_clip)})
+        specs["dp/clip"] = OPS["clip"].infer(cnode, (specs[last],), ctx)
+        steps.append(Step("dp/clip", cnode, (last,), (specs[last],), specs["dp/clip"]))
+        outputs["logits"] = "dp/clip"
     if argmax:
         last = graph.outputs[0]
         anode = Node("argmax", "argmax", (last,))

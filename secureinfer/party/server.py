@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import signal
+from pathlib import Path
 import threading
 import time
 import uuid
@@ -43,6 +44,8 @@ from secureinfer.errors import (
 )
 from secureinfer.graph.ir import Graph
 from secureinfer.log import Logger
+from secureinfer.dp.ledger import BudgetLedger
+from secureinfer.party.dp import DpPolicy
 from secureinfer.party.material import MaterialCache, read_chunks
 from secureinfer.party.store import ModelRecord, ModelStore, check_name
 from secureinfer.protocols.session import Session
@@ -63,14 +66,21 @@ class LoadedModel:
     record: ModelRecord
     graph: Graph
     model: PartyModel
-    plans: dict[tuple[int, bool], Plan] = field(default_factory=dict)
+    dp: DpPolicy | None = None
+    plans: dict[tuple[int, str], Plan] = field(default_factory=dict)
 
-    def plan(self, batch: int, argmax: bool, n_parties: int) -> Plan:
-        key = (batch, argmax)
+    def plan(self, batch: int, purpose: str, n_parties: int) -> Plan:
+        key = (batch, purpose)
         p = self.plans.get(key)
         if p is None:
-            p = self.plans[key] = compile_plan(self.graph, batch=batch, n_parties=n_parties, argmax=argmax)
+            clip = self.dp.clip if purpose == "dp" and self.dp is not None else None
+            p = self.plans[key] = compile_plan(self.graph, batch=batch, n_parties=n_parties,
+                                               argmax=purpose == "argmax", dp_clip=clip)
         return p
+
+    @property
+    def default_purpose(self) -> str:
+        return "dp" if self.dp is not None else "logits"
 
 
 class PartyServer:
@@ -83,6 +93,7 @@ class PartyServer:
         self.log = Logger("party", party=party_id)
         self.transport = GrpcTransport.from_topology(topology, party_id)
         self.store = ModelStore(self.me.data_dir, self.me.storage_key)
+        self.ledger = BudgetLedger(Path(self.me.data_dir) / "dp-ledger.db", default_budget=None)
         self._insecure = not self.settings.tls
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], LoadedModel] = {}
@@ -114,16 +125,32 @@ class PartyServer:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         self._load_models()
+        self._forget_prefetched()
         self._server.start()
         self.cache.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.log.info("listening", address=self.me.address, models=len(self._models))
+
+    def _forget_prefetched(self) -> None:
+        """A fresh process holds no prefetched material: tell the dealer before serving."""
+        deadline = time.monotonic() + self.settings.rpc_timeout_s
+        while True:
+            try:
+                r = self.dealer.Forget(dealer_pb2.ForgetRequest(party_id=self.party_id), timeout=2.0)
+                self.log.info("dealer_forget", dropped=r.dropped)
+                return
+            except grpc.RpcError as err:
+                if time.monotonic() > deadline:  # the dealer is down: it will start with empty pools
+                    self.log.warning("dealer_forget_failed", error=err.code().name)
+                    return
+                time.sleep(0.2)
 
     def stop(self, grace: float = 2.0) -> None:
         self._health.enter_graceful_shutdown()
         self.cache.stop()
         self._server.stop(grace).wait(grace + 1)
         self.transport.close()
+        self.ledger.close()
         self._dealer_channel.close()
         for ch in self._peer_channels.values():
             ch.close()
@@ -144,11 +171,13 @@ class PartyServer:
         graph = Graph.from_public_json(rec.graph_json)
         masks = {k: PartyBundle(self.party_id, rec.model_seed).share(f"{k}/B", v.shape) for k, v in rec.diffs.items()}
         pm = PartyModel(graph, party_id=self.party_id, shares=rec.shares, masks=masks, diffs=rec.diffs)
-        lm = LoadedModel(rec, graph, pm)
+        out_dim = compile_plan(graph, batch=1, n_parties=self.n).output_shape[-1]
+        dp = DpPolicy.from_parameters(rec.parameters, frac_bits=graph.frac_bits, dim=out_dim, n_parties=self.n)
+        lm = LoadedModel(rec, graph, pm, dp)
         with self._lock:
             self._models[(rec.name, rec.version)] = lm
             self._by_deployment[rec.deployment_id] = lm
-        self.cache.want((rec.deployment_id, 1, "logits"))
+        self.cache.want((rec.deployment_id, 1, lm.default_purpose))
         return lm
 
     def _prepare_material(self, key: tuple[str, int, str], bundle: PartyBundle) -> None:
@@ -156,7 +185,7 @@ class PartyServer:
         with self._lock:
             lm = self._by_deployment.get(key[0])
         if lm is not None:
-            precompute(lm.plan(key[1], key[2] == "argmax", self.n), lm.model, bundle)
+            precompute(lm.plan(key[1], key[2], self.n), lm.model, bundle)
 
     def model(self, name: str, version: str = "") -> LoadedModel:
         with self._lock:
@@ -216,7 +245,7 @@ class PartyServer:
         raise ProtocolError("unreachable")
 
     # ------------------------------------------------------------------ inference
-    def infer(self, req: party_pb2.InferRequest, deadline: float) -> party_pb2.InferResponse:
+    def infer(self, req: party_pb2.InferRequest, deadline: float, *, client: str) -> party_pb2.InferResponse:
         t0 = time.perf_counter()
         lm = self.model(req.model_name, req.model_version)
         if not _RID_RE.match(req.request_id):
@@ -234,6 +263,13 @@ class PartyServer:
             raise ShapeError(f"model {lm.record.name!r} expects input of shape {expected}, got {tuple(x.shape)}")
         batch = int(x.shape[0])
         argmax = "argmax" in outputs
+        purpose = "argmax" if argmax else lm.default_purpose
+        info: dict[str, str] = {}
+        if lm.dp is not None:
+            if argmax:
+                raise InvalidArgumentError(f"model {lm.record.name!r} releases only DP-noised logits; "
+                                           "the exact argmax output is not available")
+            info = self.debit(client, lm, req.request_id, batch)  # before anything is computed
         sid = f"infer/{lm.record.deployment_id}/{req.request_id}"
         session = Session(
             party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
@@ -241,11 +277,13 @@ class PartyServer:
         )
         try:
             t_off = time.perf_counter()
-            bundle = self.material(lm, sid, batch, "argmax" if argmax else "logits")
+            bundle = self.material(lm, sid, batch, purpose)
             session.costs.offline_ms = (time.perf_counter() - t_off) * 1e3
             session.costs.bytes_offline = bundle.nbytes
-            plan = lm.plan(batch, argmax, self.n)
+            plan = lm.plan(batch, purpose, self.n)
             outs = run_plan(session, plan, lm.model, bundle, x)
+            if lm.dp is not None:
+                outs["logits"] = outs["logits"] + lm.dp.noise_share(tuple(outs["logits"].shape))
         except BaseException as exc:
             self.transport.abort(sid, f"party {self.party_id}: {exc}")
             raise
@@ -253,7 +291,7 @@ class PartyServer:
             self.transport.close_session(sid)
         resp = party_pb2.InferResponse(
             model_name=lm.record.name, model_version=lm.record.version, request_id=req.request_id,
-            party_id=self.party_id,
+            party_id=self.party_id, info=info,
         )
         for name in outputs:
             frac = plan.output_scale if name == "logits" else 0
@@ -267,6 +305,18 @@ class PartyServer:
         self.log.info("infer", request=req.request_id, model=lm.record.name, version=lm.record.version,
                       batch=batch, rounds=c.rounds, bytes_sent=c.bytes_sent, ms=round(resp.cost.latency_ms, 2))
         return resp
+
+    def debit(self, client: str, lm: LoadedModel, request_id: str, rows: int) -> dict[str, str]:
+        """Charge a DP request to the client's budget (committed before any release)."""
+        if lm.dp is None:
+            raise ProtocolError(f"model {lm.record.name!r} has no DP policy")
+        key = f"{client}/{lm.record.name}"
+        if key not in self.ledger.clients():
+            self.ledger.set_budget(key, epsilon=lm.dp.budget_epsilon, delta=lm.dp.budget_delta)
+        d = self.ledger.reserve(key, request_id, lm.dp.cost(rows))
+        self.log.info("dp_debit", client=client, model=lm.record.name, request=request_id,
+                      spent=round(d.spent_epsilon, 6), remaining=round(d.remaining_epsilon, 6))
+        return {"dp.epsilon_spent": f"{d.spent_epsilon:.6g}", "dp.epsilon_remaining": f"{d.remaining_epsilon:.6g}"}
 
     # ------------------------------------------------------------------ deployment
     def deploy(self, header: party_pb2.DeployHeader, payload: bytes) -> party_pb2.DeployResponse:
@@ -282,6 +332,8 @@ class PartyServer:
             )
         graph = Graph.from_public_json(header.graph)
         shares = _parse_weight_shares(payload, graph)
+        out_dim = compile_plan(graph, batch=1, n_parties=self.n).output_shape[-1]
+        DpPolicy.from_parameters(dict(header.parameters), frac_bits=graph.frac_bits, dim=out_dim, n_parties=self.n)
         sid = f"deploy/{header.deployment_id}"
         session = Session(party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
                           timeout=self.settings.rpc_timeout_s, deadline=time.monotonic() + self.settings.request_timeout_s)
@@ -293,7 +345,8 @@ class PartyServer:
             raise
         finally:
             self.transport.close_session(sid)
-        rec = ModelRecord(name, version, header.deployment_id, ModelStore.now(), bytes(header.graph), seed, shares, diffs)
+        rec = ModelRecord(name, version, header.deployment_id, ModelStore.now(), bytes(header.graph), seed, shares,
+                          diffs, dict(header.parameters))
         self.store.save(rec, replace=header.replace)
         self._install(rec)
         c = session.costs
@@ -393,7 +446,7 @@ class _Inference(party_pb2_grpc.InferenceServicer):
             self._auth(ctx, ROLE_CLIENT, ROLE_OWNER, ROLE_AUDITOR)
             lm = self.s.model(request.name, request.version)
             g = lm.graph
-            plan = lm.plan(1, False, self.s.n)
+            plan = lm.plan(1, lm.default_purpose, self.s.n)
             resp = common_pb2.ModelMetadataResponse(
                 name=lm.record.name, versions=self.s.store.versions(lm.record.name), platform="secureinfer-mpc",
             )
@@ -406,16 +459,18 @@ class _Inference(party_pb2_grpc.InferenceServicer):
                 "output_frac_bits": str(plan.output_scale), "deployment_id": lm.record.deployment_id,
                 "security": "semi-honest; any n-1 of n parties may collude; the dealer does not collude",
             })
+            if lm.dp is not None:
+                resp.parameters.update(lm.dp.describe())
             return resp
 
         return _guard(self.s, ctx, "metadata", run)
 
     def Infer(self, request: party_pb2.InferRequest, ctx: grpc.ServicerContext) -> party_pb2.InferResponse:
         def run() -> party_pb2.InferResponse:
-            self._auth(ctx, ROLE_CLIENT)
             left = ctx.time_remaining()
             budget = self.s.settings.request_timeout_s if left is None else min(left, self.s.settings.request_timeout_s)
-            return self.s.infer(request, time.monotonic() + budget)
+            ident = tls.require_role(ctx, ROLE_CLIENT, insecure_metadata=self.s._insecure)
+            return self.s.infer(request, time.monotonic() + budget, client=ident.name)
 
         return _guard(self.s, ctx, "infer", run)
 

@@ -18,7 +18,7 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ class ModelRecord:
     model_seed: bytes
     shares: dict[str, torch.Tensor]
     diffs: dict[str, torch.Tensor]
+    parameters: dict[str, str] = field(default_factory=dict)  # public deploy parameters (e.g. DP policy)
 
 
 class ModelStore:
@@ -82,7 +83,8 @@ class ModelStore:
         if path.exists() and not replace:
             raise AlreadyExistsError(f"model {rec.name} version {rec.version} exists; deploy with replace to overwrite")
         header = json.dumps(
-            {"name": rec.name, "version": rec.version, "deployment_id": rec.deployment_id, "created": rec.created},
+            {"name": rec.name, "version": rec.version, "deployment_id": rec.deployment_id, "created": rec.created,
+             "parameters": rec.parameters},
             sort_keys=True,
         ).encode()
         body = PartyBundle(0, rec.model_seed, {**{f"w/{k}": v for k, v in rec.shares.items()},
@@ -124,6 +126,7 @@ class ModelStore:
             graph_json=b.blobs["graph"], model_seed=b.seed,
             shares={k[2:]: v for k, v in b.tensors.items() if k.startswith("w/")},
             diffs={k[2:]: v for k, v in b.tensors.items() if k.startswith("e/")},
+            parameters=dict(meta.get("parameters", {})),
         )
 
     def remove(self, name: str, version: str) -> None:

@@ -133,3 +133,15 @@ class BindResponse(_message.Message):
     SET_ID_FIELD_NUMBER: _ClassVar[int]
     set_id: str
     def __init__(self, set_id: _Optional[str] = ...) -> None: ...
+
+class ForgetRequest(_message.Message):
+    __slots__ = ("party_id",)
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    party_id: int
+    def __init__(self, party_id: _Optional[int] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("dropped",)
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    dropped: int
+    def __init__(self, dropped: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,11 @@ class DealerStub:
                 request_serializer=secureinfer_dot_v1_dot_dealer__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/secureinfer.v1.Dealer/Forget',
+                request_serializer=secureinfer_dot_v1_dot_dealer__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.ForgetResponse.FromString,
+                _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/secureinfer.v1.Dealer/Stats',
                 request_serializer=secureinfer_dot_v1_dot_dealer__pb2.StatsRequest.SerializeToString,
@@ -117,6 +122,14 @@ class DealerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """A (re)started party holds no prefetched parts: drop every unbound set it was given,
+        so no session is bound to material that party no longer has.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Stats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -155,6 +168,11 @@ def add_DealerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.ReleaseRequest.FromString,
                     response_serializer=secureinfer_dot_v1_dot_dealer__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.ForgetRequest.FromString,
+                    response_serializer=secureinfer_dot_v1_dot_dealer__pb2.ForgetResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -324,6 +342,33 @@ class Dealer:
             '/secureinfer.v1.Dealer/Release',
             secureinfer_dot_v1_dot_dealer__pb2.ReleaseRequest.SerializeToString,
             secureinfer_dot_v1_dot_dealer__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secureinfer.v1.Dealer/Forget',
+            secureinfer_dot_v1_dot_dealer__pb2.ForgetRequest.SerializeToString,
+            secureinfer_dot_v1_dot_dealer__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,
