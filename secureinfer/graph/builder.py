@@ -158,6 +158,8 @@ class Builder:
         ImportProblem if it would move data across the batch axis."""
         src = self.shapes[x]
         out = tuple(int(d) for d in out_shape)
+        if self.is_opaque(x):
+            return self.opaque(out, name)
         if out == src:
             return x
         if not out or out[0] != src[0] or math.prod(out) != math.prod(src):

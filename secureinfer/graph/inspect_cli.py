@@ -1,8 +1,8 @@
 """``secureinfer inspect MODEL``: the imported graph, the validator's findings and the
 estimated online cost per step, before anything is deployed.
 
-Output (stdout): one line per IR node (name, op, input shapes -> output shape, parameter
-shapes), the findings (errors and warnings, with suggested rewrites), then one line per
+Output (stdout): one line per IR node (name, op, input shapes -> output shape, fixed-point
+scale of the output in the secure plan, parameter shapes), the findings (errors and warnings, with suggested rewrites), then one line per
 plan step (rounds, estimated bytes sent per peer, output scale) and the totals, for the
 chosen batch size and number of parties. ``--json`` prints one JSON document instead.
 Exit status: 0 when the model can run, 1 when it cannot (the findings say why).
@@ -50,6 +50,9 @@ def inspect_graph(graph: Graph, *, batch: int = 1, n_parties: int = 2, method: s
         report["total_rounds"] = sum(s.rounds for s in steps)
         known = [s.bytes_per_peer for s in steps if s.bytes_per_peer is not None]
         report["total_bytes_per_peer"] = sum(known) if len(known) == len(steps) else None
+        scales = {s.step: s.scale for s in steps}
+        for n in nodes:
+            n["scale"] = scales.get(n["name"])
     return report
 
 
@@ -86,7 +89,9 @@ def format_report(r: dict[str, Any]) -> str:
     for n in r["nodes"]:
         ins = ", ".join(_fmt_shape(s) for s in n["in_shapes"])
         params = " ".join(f"{k}={_fmt_shape(v)}" for k, v in n["params"].items())
-        lines.append(f"  {n['name']:<{width}}  {n['op']:<14} {ins} -> {_fmt_shape(n['out_shape'])}  {params}".rstrip())
+        scale = f"  @2^-{n['scale']}" if n.get("scale") is not None else ""
+        lines.append(f"  {n['name']:<{width}}  {n['op']:<14} {ins} -> {_fmt_shape(n['out_shape'])}{scale}  "
+                     f"{params}".rstrip())
     lines.append(f"\nfindings: {len(r['findings'])}")
     for f in r["findings"]:
         where = f"{f['node']} ({f['op']})" if f["node"] else "graph"

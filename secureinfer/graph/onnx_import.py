@@ -204,8 +204,12 @@ class _Importer:
                     value = handler(node, _attrs(node))
             except ImportProblem as exc:
                 hint = suggestion(exc.kind) if exc.kind else None
-                self.b.problem(f"{self.where(node)}: {exc}" + (f" -> {hint}" if hint else ""))
-                value = self.b.opaque(self.expect(node.output[0]) or (self.b.batch,), node.output[0])
+                after_problem = any(self.b.is_opaque(self.vals.get(i, "")) for i in node.input)
+                if exc.kind or not after_problem:  # shape complaints downstream of a problem are noise
+                    self.b.problem(f"{self.where(node)}: {exc}" + (f" -> {hint}" if hint else ""))
+                first = next((self.vals[i] for i in node.input if i in self.vals), None)
+                guess = self.b.shapes.get(first, (self.b.batch,)) if first else (self.b.batch,)
+                value = self.b.opaque(self.expect(node.output[0]) or guess, node.output[0])
             self.vals[node.output[0]] = value
             for extra_out in node.output[1:]:
                 if extra_out and extra_out in used:
@@ -389,8 +393,14 @@ class _Importer:
             raise ImportProblem("LayerNormalization over more than the last axis")
         scale = self.const(node.input[1])
         bias = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scale is None or (len(node.input) > 2 and node.input[2] and bias is None):
+            raise ImportProblem("LayerNormalization with non-constant scale or bias")
         attrs = {"axis": -1, "size": int(self.b.shapes[x][-1]), "eps": float(a.get("epsilon", 1e-5))}
-        return self.emit(node, "layernorm", [x], attrs, {"weight": scale, "bias": bias})
+        name, origin = self.base_name(node), self.where(node)
+        y = self.b.emit("layernorm", [x], attrs, name=f"{name}.norm", params={"weight": None, "bias": None},
+                        origin=origin)
+        # scale, bias: a separate channel_affine on the last axis (the engine's convention)
+        return self.b.affine(y, weight=scale, bias=bias, axis=nd - 1, name=name, origin=origin)
 
     def _binary(self, node: Any, a: dict[str, Any]) -> str:
         op = node.op_type

@@ -9,10 +9,11 @@
   and passes preserve a model's function.
 * Passes (each returns a new graph; the input graph is not modified):
   :func:`fold_affine` folds a ``channel_affine`` (BatchNorm in inference, or an import of
-  ``x * c + d`` with per-channel constants) into the preceding ``conv2d``/``linear`` (or
-  into a ``layernorm``'s weight and bias, along the last axis) when
+  ``x * c + d`` with per-channel constants) into the preceding ``conv2d``/``linear`` when
   that node's output has no other consumer — W' = W * w[o], b' = b * w[o] + d[o]
-  (exact in real arithmetic, one rounding in float64) — and merges chains of affines;
+  (exact in real arithmetic, one rounding in float64) — and merges chains of affines
+  (LayerNorm's gamma/beta stay a ``channel_affine`` after ``layernorm``, the engine's
+  convention);
   :func:`fold_shapes` drops reshapes that do not change the shape and collapses chains
   of ``flatten``/``reshape`` into one node; :func:`eliminate_dead` removes nodes no output
   depends on; :func:`optimize` runs all of them until nothing changes.
@@ -183,8 +184,8 @@ def _copy(graph: Graph, nodes: list[Node], outputs: list[str], params: dict[str,
 
 
 def fold_affine(graph: Graph) -> Graph:
-    """Fold each ``channel_affine`` into its producer (conv2d, linear, layernorm or another
-    affine) along the producer's output-channel axis, when it is the producer's only consumer."""
+    """Fold each ``channel_affine`` into its producer (conv2d, linear or another affine)
+    along the producer's output-channel axis, when it is the producer's only consumer."""
     if not graph.params:
         return graph
     shapes = infer_shapes(graph)
@@ -199,15 +200,14 @@ def fold_affine(graph: Graph) -> Graph:
             if aff.op != "channel_affine" or prod is None or prod.name in outputs or len(cons[prod.name]) != 1:
                 continue
             ndim = len(shapes[prod.name])
-            want = {"conv2d": 1, "linear": ndim - 1, "layernorm": ndim - 1,
-                    "channel_affine": prod.attrs.get("axis", 1) % ndim}.get(prod.op)
+            want = {"conv2d": 1, "linear": ndim - 1, "channel_affine": prod.attrs.get("axis", 1) % ndim}.get(prod.op)
             if want is not None and aff.attrs.get("axis", 1) % ndim == want:
                 break
         else:
             return _copy(graph, nodes, outputs, params)
         w = np.asarray(params[aff.attrs["weight"]], dtype=np.float64).reshape(-1)
         d = params[aff.attrs["bias"]].reshape(-1) if aff.attrs.get("bias") else np.zeros_like(w)
-        pw = np.asarray(params[prod.attrs["weight"]], dtype=np.float64) if prod.attrs.get("weight") else np.ones_like(w)
+        pw = np.asarray(params[prod.attrs["weight"]], dtype=np.float64)
         pb = params[prod.attrs["bias"]].reshape(-1) if prod.attrs.get("bias") else np.zeros_like(w)
         attrs = dict(prod.attrs)
         for attr, val in (("weight", pw * w.reshape((-1,) + (1,) * (pw.ndim - 1))), ("bias", pb * w + d)):

@@ -224,13 +224,13 @@ class _Importer:
                 v = self.vals[src.name][idx]
                 if v is None and node.users:
                     b.problem(f"{self.where(node)}: uses output {idx} of a multi-output op (only output 0 is supported)")
-                    v = b.opaque(self.shape(node), node.name)
+                    v = self._opaque(node)
                 self.vals[node.name] = v
             return
         if not isinstance(target, torch._ops.OpOverload):
             if node.users:
                 b.problem(f"{self.where(node)}: {target} is not supported")
-                self.vals[node.name] = b.opaque(self.shape(node), node.name)
+                self.vals[node.name] = self._opaque(node)
             return
         name = target._schema.name.split("::")[-1]
         inplace = name.endswith("_") and not name.endswith("__")
@@ -238,7 +238,12 @@ class _Importer:
         in_nodes = [a for a in node.all_input_nodes]
         if all(a.name in self.consts for a in in_nodes):
             if node.users or inplace:
-                self.consts[node.name] = self._fold(node)
+                try:
+                    self.consts[node.name] = self._fold(node)
+                except Exception as exc:  # noqa: BLE001 - report, don't crash
+                    b.problem(f"{self.where(node)}: constant folding of aten.{base} failed: {exc}")
+                    self.vals[node.name] = self._opaque(node)
+                    return
                 if inplace and in_nodes:
                     self.consts[in_nodes[0].name] = self.consts[node.name]
             return
@@ -269,14 +274,25 @@ class _Importer:
                 self.module_problems.setdefault(where, []).append((str(exc), hint))
             else:
                 b.problem(f"{where}: {exc}" + (f" -> {hint}" if hint else ""))
-            val = node.meta.get("val")
-            if isinstance(val, (list, tuple)):
-                value = [b.opaque(tuple(v.shape), node.name) if isinstance(v, torch.Tensor) else None for v in val]
-            else:
-                value = b.opaque(self.shape(node), node.name) if isinstance(val, torch.Tensor) else None
+            value = self._opaque(node)
         self.vals[node.name] = value
         if inplace and in_nodes:
             self.vals[in_nodes[0].name] = value
+
+    def _opaque(self, node: fx.Node) -> Any:
+        """Placeholder value(s) for the output(s) of a node that could not be imported."""
+
+        def one(v: Any) -> str | None:
+            if not isinstance(v, torch.Tensor):
+                return None
+            try:
+                shape = tuple(int(d) for d in v.shape)
+            except (TypeError, ValueError):
+                shape = (self.b.batch,)
+            return self.b.opaque(shape, node.name)
+
+        val = node.meta.get("val")
+        return [one(v) for v in val] if isinstance(val, (list, tuple)) else one(val)
 
     def _fold(self, node: fx.Node) -> Any:
         def mat(v: Any) -> Any:
@@ -401,9 +417,14 @@ class _Importer:
             raise ImportProblem(f"LayerNorm over {ns} (only the last axis is supported; flatten the others first)")
         w = self.const(a["weight"]) if a.get("weight") is not None else None
         bias = self.const(a["bias"]) if a.get("bias") is not None else None
+        name, origin = self.base_name(node, a), self.where(node)
         attrs = {"axis": -1, "size": int(ns[0]), "eps": float(a["eps"])}
-        y = self.emit(node, a, "layernorm", [self._x(a["input"])], attrs, {"weight": w, "bias": bias},
-                      expect=base == "layer_norm")
+        y = self.b.emit("layernorm", [self._x(a["input"])], attrs, name=f"{name}.norm",
+                        params={"weight": None, "bias": None}, origin=origin)
+        # gamma, beta: a separate channel_affine on the last axis (the engine's convention)
+        y = self.b.affine(y, weight=np.ones(ns[0]) if w is None else w.double().numpy(),
+                          bias=None if bias is None else bias.double().numpy(), axis=len(shp) - 1, name=name,
+                          origin=origin)
         return y if base == "layer_norm" else [y, None, None]
 
     op_native_layer_norm = op_layer_norm
@@ -569,6 +590,16 @@ def from_exported(ep: torch.export.ExportedProgram, *, frac_bits: int = 16, opti
     from secureinfer.graph.passes import optimize as run_passes
     from secureinfer.graph.validate import validate
 
+    user = [s.arg.name for s in ep.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.name in user]
+    if vals and isinstance(vals[0], torch.Tensor) and not all(isinstance(d, int) for d in vals[0].shape):
+        # dynamic shapes: re-capture with the program's own example input (static shapes)
+        examples = ep.example_inputs[0] if ep.example_inputs else ()
+        if not examples or not isinstance(examples[0], torch.Tensor):
+            raise UnsupportedModelError("the exported program has dynamic shapes and no example input",
+                                        ["export with static shapes, or pass the module to from_torch"])
+        return from_torch(ep.module(), (1, *examples[0].shape[1:]), frac_bits=frac_bits, optimize=optimize,
+                          strict=strict)
     builder, outputs, origin = _Importer(ep, frac_bits).run(strict=strict)
     graph = builder.finish(outputs)
     if optimize:

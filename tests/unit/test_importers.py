@@ -251,6 +251,48 @@ def test_torch_and_onnx_imports_give_the_same_reference_outputs() -> None:
     assert compile_plan(g_o, batch=1, n_parties=2).rounds() == compile_plan(g_t, batch=1, n_parties=2).rounds()
 
 
+def _secure(g, x: torch.Tensor, n: int) -> np.ndarray:  # noqa: ANN001
+    """The graph run by the secure engine on n in-process parties."""
+    from secureinfer import ring
+    from secureinfer.dealer.material import BundleBuilder
+    from secureinfer.engine.plan import fixed_operand_shapes, generate_request_material
+    from secureinfer.engine.runner import PartyModel, encode_params, open_masks, run_plan
+    from secureinfer.prg import Prg
+    from secureinfer.sharing import reconstruct, share
+
+    from .mpc import run_parties
+
+    prg = Prg.from_os()
+    param_shares = {k: share(v, n, prg=prg) for k, v in encode_params(g).items()}
+    model_b = BundleBuilder(n)
+    masks = {k: model_b.random(f"{k}/B", s) for k, s in fixed_operand_shapes(g).items()}
+    plan = compile_plan(g, batch=x.shape[0], n_parties=n)
+    req_b = BundleBuilder(n)
+    generate_request_material(plan, req_b, masks)
+    xs = share(ring.encode(x, frac_bits=g.frac_bits), n, prg=prg)
+
+    def party(s, bundle):  # noqa: ANN001, ANN202
+        mine = {k: v[s.party_id] for k, v in param_shares.items()}
+        m, d = open_masks(s, g, mine, model_b.party_bundle(s.party_id))
+        pm = PartyModel(g, party_id=s.party_id, shares=mine, masks=m, diffs=d)
+        return run_plan(s, plan, pm, bundle, xs[s.party_id])["logits"]
+
+    res, _ = run_parties(n, party, builder=req_b)
+    return ring.decode(reconstruct(res), frac_bits=plan.output_scale).numpy()
+
+
+def test_torch_and_onnx_imports_give_the_same_secure_outputs() -> None:
+    torch.manual_seed(0)
+    model = _randomize_bn(MixedCNN())
+    x = torch.randn(4, 3, 8, 8)
+    g_t = from_torch(model, x[:1])
+    g_o = from_onnx(_onnx_bytes(model, x[:1], opset_version=17))
+    ref = _ref(model, x)
+    out_t, out_o = _secure(g_t, x, 2), _secure(g_o, x, 2)
+    assert np.abs(out_t - ref).max() < 1e-3 and np.abs(out_o - ref).max() < 1e-3
+    assert (out_t.argmax(1) == ref.argmax(1)).all() and (out_o.argmax(1) == ref.argmax(1)).all()
+
+
 @pytest.mark.parametrize("opset", [13, 17])
 def test_onnx_gelu_layernorm_patterns_and_shape_folding(opset: int) -> None:
     class T(nn.Module):
@@ -265,10 +307,14 @@ def test_onnx_gelu_layernorm_patterns_and_shape_folding(opset: int) -> None:
 
     torch.manual_seed(0)
     model = T().eval()
+    with torch.no_grad():
+        model.ln.weight.uniform_(0.5, 2.0)
+        model.ln.bias.uniform_(-1.0, 1.0)
     x = torch.randn(1, 3, 4)
     g = from_onnx(_onnx_bytes(model, x, opset_version=opset, input_names=["x"], dynamic_axes={"x": {0: "n"}}),
                   strict=False)
-    assert [n.op for n in g.nodes] == ["flatten", "linear", "layernorm", "gelu", "softmax"]
+    # LayerNorm's gamma/beta follow it as one channel_affine (the engine's convention)
+    assert [n.op for n in g.nodes] == ["flatten", "linear", "layernorm", "channel_affine", "gelu", "softmax"]
     xs = torch.randn(3, 3, 4)
     np.testing.assert_allclose(evaluate(g, xs.numpy()), _ref(model, xs), atol=1e-5)
 

@@ -104,12 +104,14 @@ def test_folding_respects_other_consumers_and_shared_weights() -> None:
     np.testing.assert_allclose(evaluate(folded, x), evaluate(g, x), rtol=1e-10, atol=1e-10)
 
 
-def test_layernorm_absorbs_a_following_affine() -> None:
+def test_affine_chains_merge_but_layernorm_keeps_its_affine() -> None:
     nodes = [Node("ln", "layernorm", ("input",), {"axis": -1, "size": 4, "eps": 1e-5, "weight": None, "bias": None}),
-             affine("aff", "ln", axis=2)]
-    g = Graph(inputs=[TensorSpec("input", (-1, 3, 4))], nodes=nodes, outputs=["aff"], params=bn_params("aff", 4))
+             affine("gamma", "ln", axis=2), affine("scale", "gamma", axis=-1)]
+    params = {**bn_params("gamma", 4), **bn_params("scale", 4)}
+    g = Graph(inputs=[TensorSpec("input", (-1, 3, 4))], nodes=nodes, outputs=["scale"], params=params)
     folded = optimize(g)
-    assert [n.op for n in folded.nodes] == ["layernorm"] and folded.nodes[0].attrs["weight"]
+    assert [n.op for n in folded.nodes] == ["layernorm", "channel_affine"]
+    assert folded.nodes[0].attrs["weight"] is None and folded.outputs == ["gamma"]
     x = r(2, 3, 4)
     np.testing.assert_allclose(evaluate(folded, x), evaluate(g, x), rtol=1e-10, atol=1e-10)
 
