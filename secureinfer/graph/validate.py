@@ -60,7 +60,7 @@ SUGGESTIONS: dict[str, str] = {
                       "design without upsampling",
     "convtranspose": "use a strided Conv, or reshape + Gemm",
     "conv_padding": "use symmetric padding (padding=k//2 with an odd kernel) and padding_mode='zeros'",
-    "pad": "fold explicit padding into the following Conv2d (padding=...)",
+    "pad": "use Conv2d(padding=..., padding_mode='zeros') instead of explicit or reflect/replicate padding",
     "max_pool1d": "use MaxPool2d on a (N, C, 1, L) input",
     "avg_pool1d": "use AvgPool2d on a (N, C, 1, L) input",
     "upsample": "upsampling is not supported: use a Linear to the upsampled size, or avoid upsampling",
