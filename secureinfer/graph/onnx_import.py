@@ -9,9 +9,9 @@ ReduceMean-18 axes input, AveragePool-19 ``dilations``, Gelu-20, types-only chan
 
 ONNX op -> IR op:
 
-=========================================  ======================================
+=========================================  =========================================
 ONNX                                       IR
-=========================================  ======================================
+=========================================  =========================================
 Gemm / MatMul with a constant weight,      linear (bias folded by the passes)
   MatMul + Add(constant)
 MatMul of two activations                  matmul
@@ -28,10 +28,10 @@ Add / Sub of two activations               add
 Concat                                     concat
 Softmax; Sigmoid; Tanh                     softmax; sigmoid; tanh
 Gelu; x*0.5*(1+Erf(x/sqrt 2)) pattern      gelu
-LayerNormalization (last axis); the        layernorm
+LayerNormalization (last axis); the        layernorm + channel_affine (scale, bias)
   ReduceMean/Sub/Pow/Sqrt/Div pattern
 Identity, Dropout, Cast                    (dropped)
-=========================================  ======================================
+=========================================  =========================================
 
 Constant subgraphs (initializers, ``Constant``, and anything computed only from
 them — including ``Shape`` of an activation, whose value is known because every shape
@@ -69,15 +69,19 @@ def _load(model_or_path: Any) -> Any:
         return model_or_path
     try:
         if isinstance(model_or_path, (bytes, bytearray)):
-            return onnx.load_from_string(bytes(model_or_path))
-        path = Path(model_or_path)
-        if not path.is_file():
-            raise InvalidArgumentError(f"ONNX model file {path} does not exist")
-        return onnx.load(str(path))
+            model = onnx.load_from_string(bytes(model_or_path))
+        else:
+            path = Path(model_or_path)
+            if not path.is_file():
+                raise InvalidArgumentError(f"ONNX model file {path} does not exist")
+            model = onnx.load(str(path))
     except InvalidArgumentError:
         raise
     except Exception as exc:  # protobuf DecodeError, external-data errors, ...
         raise InvalidArgumentError(f"not a readable ONNX model: {exc}") from exc
+    if not model.opset_import or not model.graph.node:
+        raise InvalidArgumentError("not an ONNX model (no opset or no nodes)")
+    return model
 
 
 class _Importer(OnnxOps):

@@ -10,14 +10,14 @@ it yields a small, normalized ATen vocabulary (``aten.conv2d``, ``aten.linear``,
 spelling instead (``F.relu``, ``torch.relu``, ``x.relu()``, ``nn.ReLU`` ...). The price
 is a one-time warm-up of a few seconds per process and ~0.2 s per model after that.
 
-The model is traced on a batch of 2 so that the batch axis cannot be confused with a
+Op handlers live in :mod:`secureinfer.graph.torch_ops`. The model is traced on a batch of 2 so that the batch axis cannot be confused with a
 feature axis of size 1: every value must keep the batch first (a ``view(1, -1)`` is
 reported). Constant subexpressions (parameter transposes, ``x.size(0)``, ``torch.tensor``
 constants) are folded while importing. Module -> IR op:
 
-==========================================  =======================================
+==========================================  ==========================================
 PyTorch                                     IR
-==========================================  =======================================
+==========================================  ==========================================
 nn.Linear, x @ W (constant W), F.linear     linear
 nn.Conv2d (stride, padding int/tuple/       conv2d
 'same'/'valid', dilation, groups)
@@ -35,10 +35,10 @@ a + b, torch.add, a - b                     add
 torch.cat                                   concat
 nn.Softmax, F.softmax; nn.Sigmoid;          softmax; sigmoid; tanh; gelu
 nn.Tanh; nn.GELU
-nn.LayerNorm (last axis)                    layernorm
+nn.LayerNorm (last axis)                    layernorm + channel_affine (gamma, beta)
 a @ b, torch.matmul (two activations)       matmul
 nn.Dropout, nn.Identity, clone, casts       (dropped)
-==========================================  =======================================
+==========================================  ==========================================
 
 ``nn.GELU(approximate='tanh')`` is imported as the IR's exact ``gelu`` (they differ by
 < 5e-4). Everything else is reported — every node, in one

@@ -144,6 +144,13 @@ def validate(graph: Graph, *, strict: bool = False, ops: Mapping[str, Any] | Non
             infer_shapes(graph)
         except ShapeError as exc:
             found.append(Finding("", "", str(exc)))
+    if ops is _engine_ops() and not any(f.severity == "error" for f in found):
+        from secureinfer.engine.plan import compile_plan  # the engine's own constraints (scales, attributes)
+
+        try:
+            compile_plan(graph, batch=1, n_parties=2)
+        except (UnsupportedModelError, ShapeError, ValueError) as exc:
+            found.append(Finding("", "", f"the secure engine refuses the graph: {exc}"))
     for n in graph.nodes:
         if n.op == "maxpool2d" and any(n.attrs.get("padding", (0, 0))):
             src = by_name.get(n.inputs[0])
