@@ -174,7 +174,13 @@ class DealerCore:
         return None
 
     def bind(self, deployment_id: str, session_id: str, *, party_id: int, batch: int, purpose: str) -> str:
-        """The set of ``session_id`` if every party holds it already, else ``""``."""
+        """The set of ``session_id`` if this party holds it already, else ``""`` (then Fetch).
+
+        The first caller binds the session: to a set every party holds if there is one,
+        otherwise at once to a fresh set that the parties will fetch — so a set that
+        becomes ready a moment later can never be bound under a party that already
+        decided to fetch.
+        """
         self._check(batch, purpose, session_id)
         with self._lock:
             self._expire()
@@ -184,19 +190,42 @@ class DealerCore:
             if b is None:
                 pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
                 ready = next((s for s in pool.values() if len(s.delivered) == m.n_parties), None)
-                if ready is None:
-                    return ""
-                del pool[ready.set_id]
-                b = self._sessions[session_id] = _Binding(ready, set(), time.monotonic())
-                self.counters["binds_prefetched"] += 1
-                self._lock.notify_all()
+                if ready is not None:
+                    del pool[ready.set_id]
+                    b = self._sessions[session_id] = _Binding(ready, set(), time.monotonic())
+                    self.counters["binds_prefetched"] += 1
+                    self._lock.notify_all()
+        if b is None:
+            b = self._bind_fresh(m, deployment_id, session_id, batch, purpose)
+        with self._lock:
+            if party_id not in b.set.delivered:
+                return ""  # bound to a set this party fetches
             if party_id in b.served:
                 raise ProtocolError(f"session {session_id} was already bound for party {party_id}")
-            if party_id not in b.set.delivered:
-                return ""  # bound by a fallback fetch: this party fetches its part
             b.served.add(party_id)
             self._forget_if_done(session_id, b, m.n_parties)
             return b.set.set_id
+
+    def _bind_fresh(self, m: _Model, deployment_id: str, session_id: str, batch: int, purpose: str) -> _Binding:
+        """Bind ``session_id`` to a set nobody prefetched (pooled, or generated now)."""
+        key = (deployment_id, batch, purpose)
+        with self._lock:
+            b = self._sessions.get(session_id)
+            if b is not None:
+                return b
+            pool = self._pools.get(key, OrderedDict())
+            fresh = next((s for s in pool.values() if not s.delivered), None)
+            if fresh is not None:
+                del pool[fresh.set_id]
+        s = fresh if fresh is not None else self._generate(m, batch, purpose)
+        with self._lock:
+            b = self._sessions.get(session_id)
+            if b is None:
+                b = self._sessions[session_id] = _Binding(s, set(), time.monotonic())
+                self.counters["binds_fallback"] += 1
+            else:  # another party bound it meanwhile: keep our set for later
+                self._pools.setdefault(key, OrderedDict())[s.set_id] = s
+            return b
 
     def fetch(self, deployment_id: str, session_id: str, *, party_id: int, batch: int, purpose: str) -> tuple[str, bytes]:
         """Bind (if needed) and return this party's part of the session's set."""
@@ -205,21 +234,7 @@ class DealerCore:
             self._expire()
             m = self._model(deployment_id, party_id)
             m.wanted[(batch, purpose)] = time.monotonic()
-            b = self._sessions.get(session_id)
-            if b is None:
-                pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
-                fresh = next((s for s in pool.values() if not s.delivered), None)
-                if fresh is not None:
-                    del pool[fresh.set_id]
-        if b is None:
-            s = fresh if fresh is not None else self._generate(m, batch, purpose)
-            with self._lock:
-                b = self._sessions.get(session_id)
-                if b is None:
-                    b = self._sessions[session_id] = _Binding(s, set(), time.monotonic())
-                    self.counters["binds_fallback"] += 1
-                else:  # another party bound it meanwhile: keep our set for later
-                    self._pools.setdefault((deployment_id, batch, purpose), OrderedDict())[s.set_id] = s
+        b = self._bind_fresh(m, deployment_id, session_id, batch, purpose)
         with self._lock:
             part = b.set.parts[party_id]
             if party_id in b.served or part is None:

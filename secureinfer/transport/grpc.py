@@ -300,7 +300,6 @@ class GrpcTransport(Transport):
             "grpc.max_receive_message_length": max_message_bytes,
             # A restarted peer must be reachable again within seconds, not minutes.
             "grpc.initial_reconnect_backoff_ms": 100,
-            "grpc.min_reconnect_backoff_ms": 100,
             "grpc.max_reconnect_backoff_ms": 1000,
             "grpc.enable_http_proxy": 0,
         }

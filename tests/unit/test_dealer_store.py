@@ -150,3 +150,19 @@ def test_store_full_disk_keeps_previous_version(tmp_path, monkeypatch) -> None:
     monkeypatch.undo()
     assert st.load("m", "1").deployment_id == "dep"
     assert not list((tmp_path / "data" / "models" / "m").glob("*.tmp*"))
+
+
+def test_bind_after_a_fetch_decision_never_switches_sets() -> None:
+    """Party 0 finds nothing prefetched and will fetch; a set that becomes ready before
+    party 1 binds must not be bound under party 0 (regression: 'already served')."""
+    core = DealerCore(master_key=os.urandom(32), pool_size=0)
+    core.register("d", _graph_json(), party_id=0, n_parties=2)
+    assert core.bind("d", "s", party_id=0, batch=1, purpose="logits") == ""
+    core._pools[("d", 1, "logits")] = __import__("collections").OrderedDict()
+    ready = core._generate(core._models["d"], 1, "logits")
+    ready.delivered.update({0, 1})
+    core._pools[("d", 1, "logits")][ready.set_id] = ready
+    assert core.bind("d", "s", party_id=1, batch=1, purpose="logits") == ""
+    id0, _ = core.fetch("d", "s", party_id=0, batch=1, purpose="logits")
+    id1, _ = core.fetch("d", "s", party_id=1, batch=1, purpose="logits")
+    assert id0 == id1 != ready.set_id
