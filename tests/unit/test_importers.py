@@ -423,3 +423,21 @@ def test_model_files_pt2_onnx_and_pickles_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="pickled"):
         load_model_file(tmp_path / "evil2.pt")
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_torchscript_cnn_file(tmp_path: Path) -> None:
+    """TorchScript archives go through torch's TorchScript->export converter (slow warm-up)."""
+    torch.manual_seed(0)
+    model = _randomize_bn(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                                        nn.Flatten(), nn.Linear(4 * 3 * 3, 3)))
+    p = tmp_path / "m.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(model).save(str(p))
+    with pytest.raises(InvalidArgumentError, match="input_shape"):
+        load_model_file(p)
+    g = load_model_file(p, input_shape=(1, 8, 8))
+    assert [n.op for n in g.nodes] == ["conv2d", "relu", "maxpool2d", "flatten", "linear"]
+    x = torch.randn(2, 1, 8, 8)
+    np.testing.assert_allclose(evaluate(g, x.numpy()), _ref(model, x), atol=1e-6)
