@@ -46,7 +46,8 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     from secureinfer.graph.load import load_model_file
 
     topo = _topology(args)
-    graph = load_model_file(Path(args.model), frac_bits=topo.cluster.frac_bits)
+    shape = tuple(int(d) for d in args.input_shape.split(",")) if args.input_shape else None
+    graph = load_model_file(Path(args.model), frac_bits=topo.cluster.frac_bits, input_shape=shape)
     params = {}
     for item in args.param:
         key, sep, value = item.partition("=")
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_dealer)
 
     sp = sub.add_parser("deploy", help="secret-share a model onto the parties (role owner)")
-    sp.add_argument("model", help="TorchScript file (torch.jit.save) of an nn.Sequential")
+    sp.add_argument("model", help="model file: torch.export .pt2, ONNX .onnx, or TorchScript")
+    sp.add_argument("--input-shape", default="", help="per-sample input shape, e.g. 1,28,28 (when the file lacks it)")
     sp.add_argument("--name", required=True)
     sp.add_argument("--version", default="")
     sp.add_argument("--replace", action="store_true", help="overwrite an existing version")
@@ -159,11 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_demo)
 
     from secureinfer import certs
+    from secureinfer.graph import inspect_cli
     from secureinfer.he import cli as he_cli
     from secureinfer.watermark import cli as watermark_cli
 
     certs.register_cli(sub)
     he_cli.register_cli(sub)
+    inspect_cli.register_cli(sub)
     watermark_cli.register_cli(sub)
     return p
 

@@ -12,13 +12,15 @@ Ops (attributes). Tensors are batch-first; images NCHW. Parameter attributes
 * ``conv2d`` (in_channels, out_channels, kernel_size [kh, kw], stride [sh, sw],
   padding [ph, pw], dilation [dh, dw], groups, weight, bias|None)
 * ``channel_affine`` (axis, weight, bias|None): y = x * w[c] + b[c] along ``axis``
+  (axes of ``channel_affine``, ``softmax`` and ``concat`` count the batch as axis 0)
   (BatchNorm in inference: folded into the preceding conv/linear, else this op)
 * ``relu``; ``leaky_relu`` (negative_slope)
 * ``maxpool2d`` / ``avgpool2d`` (kernel_size, stride, padding); ``global_avgpool``
 * ``flatten`` (start_dim); ``reshape`` (shape: target shape without the batch axis)
 * ``add`` (two inputs, broadcasting); ``concat`` (axis, n inputs)
-* ``sigmoid``; ``tanh``; ``gelu``; ``softmax`` (axis); ``layernorm`` (axis = -1,
-  normalized size, eps, weight|None, bias|None)
+* ``sigmoid``; ``tanh``; ``gelu``; ``softmax`` (axis); ``layernorm`` (axis = -1, size,
+  eps, weight = None, bias = None: the importers emit gamma/beta as a following
+  ``channel_affine``); ``clip`` (bound: symmetric, used for DP releases)
 * ``matmul`` (two secret inputs, batched ``torch.matmul`` semantics; attention)
 * ``argmax`` (added by the engine when the client asks for it)
 
@@ -41,7 +43,7 @@ __all__ = ["Graph", "Node", "SUPPORTED_OPS", "TensorSpec"]
 
 SUPPORTED_OPS = (
     "linear", "conv2d", "channel_affine", "relu", "leaky_relu", "maxpool2d", "avgpool2d", "global_avgpool",
-    "flatten", "reshape", "add", "concat", "sigmoid", "tanh", "gelu", "softmax", "layernorm", "matmul",
+    "flatten", "reshape", "add", "concat", "sigmoid", "tanh", "gelu", "softmax", "layernorm", "matmul", "clip",
 )
 _PARAM_ATTRS = ("weight", "bias")
 _FORMAT = "secureinfer.graph/1"
