@@ -1,52 +1,61 @@
 """Secure nonlinear functions: products, exp, reciprocal, rsqrt, sigmoid, tanh, GELU,
 softmax, LayerNorm, LeakyReLU and secret x secret MatMul.
 
-**Masked evaluation (one round per multiplicative level).** A truncation opens
-``c = z + 2^62 + r`` (see :func:`secureinfer.protocols.arith.truncate`); its result is
+**Masked evaluation: one round per multiplicative level.** The dealer-assisted truncation
+(:func:`secureinfer.protocols.arith.truncate`) opens ``c = z + 2^62 + r``; its result is
 ``T = P + A + w B`` with ``P`` and the wrap bit ``w`` public and ``A = -(r >> f)``,
-``B = 2^(64-f) r_63`` known to the dealer. So the opened value already *is* a Beaver
-opening of ``T``: a product of such masked values ``T_i = P_i + a_i (A_i + w_i B_i)`` is
+``B = 2^(64-f) r_63`` known to the dealer. The opening is therefore also a Beaver
+opening of ``T``: for masked values ``T_i = P_i + a_i (A_i + w_i B_i)`` (public integer
+``a_i``)
 
-    prod_i T_i = sum_{S} (prod_{i not in S} P_i)(prod_{i in S} a_i) [prod_{i in S} (A_i + w_i B_i)]
+    prod_i T_i = sum_S (prod_{i not in S} P_i) (prod_{i in S} a_i) [prod_{i in S} (A_i + w_i B_i)]
 
-and the dealer supplies shares of every ``prod_{U} B_i prod_{S-U} A_i`` (|S| >= 2; terms
-whose powers of two exceed 2^64 vanish). Products of k masked values are local; each
-multiplicative level costs exactly one opening, which truncates *and* masks for the next
-level — instead of one Beaver round plus one truncation round. This is Beaver's circuit
-randomization with the masks of the opened values reused, as in ABY2.0 (Patra et al.,
-USENIX Security 2021), adapted to the wrap-aware dealer truncation.
+and the dealer supplies shares of every ``prod_{i in U} B_i prod_{i in S-U} A_i``
+(|S| >= 2; products of B's that reach 2^64 vanish). So products of any k masked values
+are local, and each multiplicative level costs exactly one opening that truncates *and*
+masks for the next level — instead of a Beaver round plus a truncation round. This is
+Beaver's circuit randomization (CRYPTO 1991) with the masks of opened values reused as
+in ABY2.0 (Patra et al., USENIX Security 2021), on top of the wrap-aware truncation. All
+openings are of uniformly masked values, one fresh mask each.
 
-Every function is written once as a *program* over an evaluator; the party evaluator
-runs the protocol on shares, the dealer evaluator generates exactly the material the
-program consumes (same item names) and counts its online rounds.
+Each function is written once as a *program* over an evaluator: the party evaluator runs
+it on shares, the dealer evaluator generates exactly the material it consumes (same item
+names, party 0 gets every correction, the others seeds only) and counts its rounds
+(:func:`describe`).
 
-Functions (f = 16 inputs, FSS comparisons for n = 2; a bitwise gate adds 4-7 rounds
-per gate for n >= 3). Errors are the measured max |secure - torch| over the range, on a
-dense grid (tests/unit/test_approx.py); each includes the input's fixed-point rounding.
+Online rounds are for n = 2 (FSS comparison, 1 round per gate); the bitwise comparison
+for n >= 3 costs 7 rounds per gate, given in parentheses. Errors are the measured max
+|secure - torch(float64)| over dense grids of fixed-point inputs (f = 16) in the range
+(tests/unit/test_approx.py; the same for n = 2 and 3). Inputs must also satisfy the
+ring's input range |x| < 2^15.
 
-==========  =====================================================  ======  ================  =========
-function    method                                                 rounds  range             max error
-==========  =====================================================  ======  ================  =========
-mul         masked product (+1 truncation round if ``frac``)        1 (+1)  |xy| < 2^(62-s)   exact/1ulp
-exp         (1 + t + t^2/2)^256, t = x/256 (limit method, 2nd       10      [-384, 4]         4e-6 (x<=0)
-            order base; CrypTen uses (1 + x/2^n)^(2^n))
-reciprocal  octave gate -> x = 2^j m, m in [1,2); linear guess,     5       [2^-8, 2^16]      rel 1.3e-5
-            2 Newton steps y' = 2y - m y^2 (3-input product)
-rsqrt       octave gate, linear guess, 2 Newton steps               7       [2^-8, 2^16]      rel 2e-6
-            y' = y (3 - m y^2) / 2
-tanh        Chebyshev deg 31 on [-5, 5], +-1 outside (2 gates)      7       all (saturates)   1e-4
-sigmoid     Chebyshev deg 31 on [-10, 10], 0/1 outside              7       all (saturates)   6e-5
-gelu        Chebyshev deg 16 on [-4, 4] of x Phi(x); 0 / x outside  6       all               1.4e-4
-softmax     max tree, clamp at -256, exp, sum, reciprocal, product  16 +    logits |x| < 2^14 3e-5
-                                                                   log2 K
-layernorm   mean, variance, octave gate, rsqrt, product             8       var in            5e-4
-                                                                           [2^-12, 2^16]
-leakyrelu   a x + (1 - a) ReLU(x), one ReLU gate                    1       |x| < 2^15        2^-16 |x|
-matmul      Beaver matrix triple (A, B, C = A@B)                    1       |XY| < 2^(62-s)   exact
-==========  =====================================================  ======  ================  =========
+==========  ========================================================  =======  =================  =============
+function    method                                                    rounds   range              max error
+==========  ========================================================  =======  =================  =============
+mul/square  masked product; ``frac`` truncates in one more round      1 (+1)   |xy| < 2^62 ulp    exact/+1 ulp
+exp         (1 + t + t^2/2)^256, t = x/256: 8 squarings (CrypTen's    10       x in [-384, 4]     3.5e-6 (x<=0),
+            limit method (1 + x/2^n)^(2^n), second-order base)                                    rel 1.6e-4
+reciprocal  octave gate x = 2^j m, m in [1, 2) (Catrina-Saxena FC'10   5 (11)   [2^-8, 2^15)       rel 1.4e-5
+            normalization); y0 = (24 - 8m)/17; 2 Newton steps
+            y' = 2y - m y^2 (one 3-input product each)
+rsqrt       octave gate; y0 = 1.2638 - 0.2863 m; 2 Newton steps      7 (13)   [2^-8, 2^15)       rel 2.7e-6
+            t = m y^2, y' = y (3 - t) / 2
+tanh        2 gates [x >= -5], [x >= 5]; Chebyshev interpolant deg    7 (13)   all x (saturates)  9.1e-5
+            31 of tanh on [-5, 5] (odd terms); +-1 outside
+sigmoid     as tanh: Chebyshev deg 31 on [-10, 10]; 0 / 1 outside      7 (13)   all x (saturates)  4.6e-5
+gelu        as tanh: Chebyshev deg 16 of x Phi(x) on [-4, 4];          6 (12)   all x              1.3e-4
+            0 / x outside (exact erf GELU)
+softmax     max tree of ReLU gates, clamp x - max >= -256, exp,       16 +     any logits         5.2e-5
+            sum, reciprocal of the sum, product                       log2 K   (K <= 1024 tested)
+layernorm   mean (local), variance (masked squares), octave gate,     8 (15)   var in [0, 2^20]   3.2e-4
+            rsqrt, product; no affine (a following channel_affine)
+leaky_relu  a x + (1 - a) ReLU(x); a with ``slope_bits`` bits            1 (7)    |x| < 2^15         2^-17|x|
+matmul      Beaver matrix triple (A, B, C = A @ B), SecureML-style      1        |XY| < 2^62 ulp    exact
+==========  ========================================================  =======  =================  =============
 
-Outputs carry more fractional bits than inputs (see :func:`describe`); the engine's
-planner truncates where a following op needs a smaller scale.
+Outputs have more fractional bits than inputs (28 for the piecewise functions and exp,
+32 for softmax and LayerNorm, ``s_x + s_y`` for products; see :func:`describe`); the
+engine's planner truncates where a following op needs fewer.
 """
 
 from __future__ import annotations
@@ -74,6 +83,14 @@ __all__ = [
 ]
 
 Shape = tuple[int, ...]
+
+_S = 28  # scale of exp, of the Chebyshev terms and of the piecewise outputs
+_SLO_CHEB = 18  # scale of the factors of the top Chebyshev level (its products are not truncated)
+_SX, _SLO = 20, 10  # Newton: scale of m and y, and of the copy of m the first guess is made from
+_SC = 16  # scale of the parity factor 2^(-(j mod 2)/2) of the square root
+# Newton–Raphson on m in [1, 2): (a, b) of the linear first guess y0 = a - b m
+_RECIP_GUESS = (24.0 / 17.0, 8.0 / 17.0)  # max |1 - m y0| = 1/17
+_RSQRT_GUESS = (1.26380117, 0.28630268)  # max |1 - m y0^2| = 0.0445 (minimax)
 
 
 # ============================================================================ evaluators
@@ -103,6 +120,7 @@ class Masked:
 
 
 def _subsets(mask: int) -> list[int]:
+    """Every subset of the bit set ``mask`` (including 0 and itself)."""
     out, u = [], mask
     while True:
         out.append(u)
@@ -129,6 +147,7 @@ class _Eval:
         return all(k.b is not None for k in ks) and (len(ks) <= 1 or sum(k.kbits for k in ks) < 64)
 
     def gate_round_count(self, scale: int, int_bits: int) -> int:
+        """Online rounds of one comparison gate (see protocols.compare)."""
         if self.method == "fss":
             return 1
         ell, cut = gate_params(scale, int_bits=int_bits)
@@ -136,6 +155,8 @@ class _Eval:
 
 
 class _PartyEval(_Eval):
+    """Party side: runs the program on shares (one :meth:`trunc` = one round)."""
+
     def __init__(self, session: Session, bundle: PartyBundle, name: str, method: str) -> None:
         super().__init__(name, method, session.device)
         self.s, self.bundle, self.pid = session, bundle, session.party_id
@@ -277,6 +298,8 @@ def _rescale(z: torch.Tensor, s_in: int, s_out: int, *, factor: float = 1.0,
         s_in = s_in - (e - 1)
     else:
         q = 61 - s_in - bound_bits
+        if abs(factor) * 2.0**q < 2.0**16:
+            raise RangeError(f"input scale {s_in} leaves too few bits to multiply by {factor:g}")
         z, s_in = z * round(factor * 2.0**q), s_in + q
     if s_in >= s_out:
         return z, s_in - s_out, 1
@@ -316,12 +339,6 @@ def _octave_value(ev: Ev, bits: torch.Tensor, values: Sequence[float], scale: in
     return ev.pub((bits * steps).sum(-1), enc[0])
 
 
-# Newton–Raphson on m in [1, 2): (a, b) of the linear first guess y0 = a - b m.
-_RECIP_GUESS = (24.0 / 17.0, 8.0 / 17.0)  # max |1 - m y0| = 1/17
-_RSQRT_GUESS = (1.26380117, 0.28630268)  # max |1 - m y0^2| = 0.0445
-_SX, _SLO = 20, 10  # scale of m in the Newton products, and of the copy used for y0
-
-
 def _guess(mlo: Masked, ab: tuple[float, float]) -> Masked:
     """``y0 = a - b m`` at scale ``_SX`` from ``m`` at scale ``_SLO`` (local)."""
     return mlo.affine(-round(ab[1] * 2**_SLO), round(ab[0] * 2 ** (2 * _SLO)))
@@ -346,9 +363,6 @@ def _newton_rsqrt(ev: Ev, m: Masked, mlo: Masked, iters: int, s_out: int) -> Mas
     return y
 
 
-_SC = 16  # scale of the parity factor 2^(-p/2) of the square root
-
-
 @dataclass
 class _Normalized:
     m: Masked  # x 2^-j in [1, 2) at scale _SX
@@ -358,13 +372,13 @@ class _Normalized:
     other: Masked | None  # other * prod(facs), if asked for
 
 
-def _normalize(ev: Ev, x: torch.Tensor, scale: int, j_lo: int, j_hi: int, *, root: int,
+def _normalize(ev: Ev, x: torch.Tensor, scale: int, j_lo: int, j_hi: int, *, root: int, fac: float = 1.0,
                other: tuple[Masked, int, int] | None = None) -> _Normalized:
     """Octave normalization of ``x`` in [2^j_lo, 2^(j_hi+1)): ``m = x 2^-j`` in [1, 2).
 
-    ``x^(-1/root) = F m^(-1/root)`` with ``F = 2^-j`` or ``F = 2^-floor(j/2) 2^(-(j mod 2)/2)``:
-    powers of two are exact at their scale, so ``F`` loses no precision over the whole
-    range. Also returns ``other * F`` when ``other = (v, s_v, s_out)``. 3 rounds: the
+    ``x^(-1/root) = F m^(-1/root)`` with ``F = 2^-j`` or ``F = 2^-floor(j/2) c 2^(-(j mod 2)/2)``
+    (``c = fac``): powers of two are exact at their scale, so ``F`` loses no precision
+    over the whole range. Also returns ``other * F`` when ``other = (v, s_v, s_out)``. 3 rounds: the
     octave gate, one masking round, one product round."""
     bits = _octave_bits(ev, x, scale, j_lo, j_hi)
     js = range(j_lo, j_hi + 1)
@@ -374,7 +388,7 @@ def _normalize(ev: Ev, x: torch.Tensor, scale: int, j_lo: int, j_hi: int, *, roo
     if root == 2:
         s_q = max(0, j_hi // 2)
         specs.append((_octave_value(ev, bits, [2.0 ** -(j // 2) for j in js], s_q), s_q, s_q))
-        specs.append((_octave_value(ev, bits, [2.0 ** -((j % 2) / 2) for j in js], _SC), _SC, _SC))
+        specs.append((_octave_value(ev, bits, [fac * 2.0 ** -((j % 2) / 2) for j in js], _SC), _SC, _SC))
     xm, gm, *hm = _masked(ev, specs)
     facs, s_f = ([gm], s_g) if root == 1 else (hm, s_q + _SC)
     xg = ev.mul(xm, gm)  # scale s_x + s_g, value in [1, 2)
@@ -457,10 +471,6 @@ class _Piecewise:
         return c
 
 
-_S = 28  # scale of the Chebyshev terms and of piecewise outputs
-_SLO_CHEB = 18  # scale of the factors of the top Chebyshev level
-
-
 def _erf(v: np.ndarray) -> np.ndarray:
     return np.vectorize(math.erf)(v)
 
@@ -476,7 +486,15 @@ _PIECES = {
 
 
 def _p_piecewise(ev: Ev, x: torch.Tensor, scale: int, *, kind: str) -> tuple[torch.Tensor, int]:
-    """Gate ``[x >= -B], [x >= B]``; Chebyshev series of u = x/B; select (see _PIECES)."""
+    """Piecewise sigmoid / tanh / GELU (see :data:`_PIECES`).
+
+    One gate gives ``lo = [x >= -B]`` and ``hi = [x >= B]``; one round masks ``u = x/B``
+    (folding the input's truncation); the Chebyshev series of ``f(B u)`` takes
+    ceil(log2 deg) - 1 rounds; a last round masks the series and the bits, and
+    ``out = (lo - hi) p(u) + tails`` is local. Rounds: ceil(log2 deg) + 2 (+ 6 for a
+    bitwise gate). Chebyshev interpolation at first-kind points (Trefethen, ATAP ch. 8);
+    CrypTen evaluates tanh by a Chebyshev series as well, without the piecewise tails.
+    """
     pw = _PIECES[kind]
     c = pw.coeffs()
     thr = round(pw.bound * 2.0**scale)
@@ -498,7 +516,13 @@ def _p_piecewise(ev: Ev, x: torch.Tensor, scale: int, *, kind: str) -> tuple[tor
 
 
 def _exp_masked(ev: Ev, x: torch.Tensor, scale: int, iters: int) -> Masked:
-    """e^x at scale _S: t = x/2^n at scale 30; p = 1 + t + t^2/2; n squarings."""
+    """``e^x = p(t)^(2^n)``, ``t = x / 2^n``, ``p(t) = 1 + t + t^2/2`` (scaling and squaring).
+
+    One round masks t (at scale 30: x is exact), one computes p, then n squarings of one
+    round each: n + 2 rounds. The error of the base, ``~ 2^n t^3 / 6``, is below 3.5e-6
+    for x <= 0 with n = 8 (CrypTen's first-order base needs n = 12 for 6.6e-5).
+    ``p(t) < 1`` for t in (-2, 0), so the result is right for x > -2^(n+1) · 0.75; the
+    softmax clamps its input to stay there."""
     st = 30
     (t,) = _masked(ev, [(x, scale, st - iters)])  # x at scale st - n is t at scale st
     z = ev.mul(t, t) + (ev.plain(t) << (st + 1))
@@ -514,6 +538,7 @@ def _p_exp(ev: Ev, x: torch.Tensor, scale: int, *, iters: int = 8) -> tuple[Mask
 
 def _p_recip(ev: Ev, x: torch.Tensor, scale: int, *, lo: int = -8, hi: int = 14,
              iters: int = 2) -> tuple[torch.Tensor, int]:
+    """``1/x`` for x in [2^lo, 2^(hi+1)): normalization (3 rounds) + ``iters`` Newton rounds."""
     nz = _normalize(ev, x, scale, lo, hi, root=1)
     y = _newton_recip(ev, nz.m, nz.mlo, iters, _SX)
     return ev.mul(*nz.facs, y), nz.fac_scale + _SX
@@ -521,13 +546,19 @@ def _p_recip(ev: Ev, x: torch.Tensor, scale: int, *, lo: int = -8, hi: int = 14,
 
 def _p_rsqrt(ev: Ev, x: torch.Tensor, scale: int, *, lo: int = -8, hi: int = 14,
              iters: int = 2) -> tuple[torch.Tensor, int]:
+    """``x^-1/2`` for x in [2^lo, 2^(hi+1)): normalization (3 rounds) + 2 rounds per Newton step."""
     nz = _normalize(ev, x, scale, lo, hi, root=2)
-    y = _newton_rsqrt(ev, nz.m, nz.mlo, iters, 16)
-    return ev.mul(*nz.facs, y), nz.fac_scale + 16
+    y = _newton_rsqrt(ev, nz.m, nz.mlo, iters, _SX)
+    return ev.mul(*nz.facs, y), nz.fac_scale + _SX
 
 
 def _p_softmax(ev: Ev, x: torch.Tensor, scale: int, *, axis: int = -1, clamp: float = 256.0,
                iters: int = 8) -> tuple[torch.Tensor, int]:
+    """Softmax over ``axis``: ``e_i = exp(max(x_i - max, -clamp))``, ``e_i / sum e``.
+
+    Max: a tournament of ``max(a, b) = b + ReLU(a - b)`` gates (ceil(log2 K) gates). The
+    sum lies in [1, K]; its reciprocal comes from the octave normalization, whose product
+    round also computes ``e_i 2^-j``, and 2 Newton steps. Rounds: ceil(log2 K) + 16."""
     v = x.movedim(axis, -1)
     k = v.shape[-1]
     if k == 1:
@@ -547,7 +578,16 @@ def _p_softmax(ev: Ev, x: torch.Tensor, scale: int, *, axis: int = -1, clamp: fl
 
 
 def _p_layernorm(ev: Ev, x: torch.Tensor, scale: int, *, eps: float = 1e-5,
-                 var_range: tuple[int, int] = (-20, 16)) -> tuple[torch.Tensor, int]:
+                 var_range: tuple[int, int] = (-20, 20)) -> tuple[torch.Tensor, int]:
+    """``(x - mean) / sqrt(var + eps)`` over the last axis (input scale <= 16).
+
+    ``N (x - mean)`` is exact and local; one round masks ``d = x - mean`` twice (a copy
+    for the variance, a finer one for the output); ``W = N (var + eps)`` is a local sum of
+    masked squares; its octave normalization (3 rounds) yields ``m`` and
+    ``d sqrt(N) 2^-floor(j/2) 2^(-(j mod 2)/2)``; 2 Newton steps for ``m^-1/2`` (4
+    rounds); the final product is local. Rounds: 8. Valid for var + eps in
+    [2^var_range[0], 2^var_range[1]] (rows with var + eps below it are normalized less
+    accurately; above it the result is wrong)."""
     n = x.shape[-1]
     if n < 2:
         return torch.zeros_like(x), 32
@@ -556,14 +596,14 @@ def _p_layernorm(ev: Ev, x: torch.Tensor, scale: int, *, eps: float = 1e-5,
     j_hi = lg + var_range[1]  # octaves of W = N (var + eps)
     j_lo = math.floor(math.log2(n * max(eps, 2.0 ** var_range[0])))
     s_v = min(20, (60 - j_hi) // 2)
-    # |d sqrt(N) F| <= sqrt(2N): the output product of d_o, 2^-floor(j/2), the parity factor
-    s_o = min(28, 61 - j_hi // 2 - _SC - (lg + 2) // 2)
+    # the output product d_o 2^-floor(j/2) sqrt(N) 2^(-(j mod 2)/2) is at most sqrt(2N)
+    s_o = min(28, 60 - j_hi // 2 - _SC - (lg + 2) // 2)
     if s_v < 8 or s_o < 8:
         raise RangeError(f"layernorm over {n} features exceeds the ring's range")
-    dv, do = _masked(ev, [(nd, scale, s_v, 1.0 / n, 16), (nd, scale, s_o, 1.0 / math.sqrt(n), 17 + lg // 2)])
+    dv, do = _masked(ev, [(nd, scale, s_v, 1.0 / n, 16), (nd, scale, s_o, 1.0 / n, 16)])
     w = ev.pub(ev.mul(dv, dv).sum(-1, keepdim=True), round(n * eps * 2.0 ** (2 * s_v)))  # N (var + eps)
-    # out = d / sqrt(W / N) = (d sqrt(N)) F / sqrt(m), m = W 2^-j in [1, 2)
-    nz = _normalize(ev, w, 2 * s_v, j_lo, j_hi, root=2, other=(do, s_o, 16))
+    # out = d / sqrt(W / N) = d F / sqrt(m): m = W 2^-j in [1, 2), F = sqrt(N) 2^(-j/2)
+    nz = _normalize(ev, w, 2 * s_v, j_lo, j_hi, root=2, fac=math.sqrt(n), other=(do, s_o, 16))
     y = _newton_rsqrt(ev, nz.m, nz.mlo, 2, 16)
     return ev.mul(nz.other, y), 32
 
@@ -654,7 +694,9 @@ def square_material(builder: BundleBuilder, name: str, *, shape: Shape, frac: in
     material("mul", builder, name, shape=(tuple(shape), tuple(shape)), scale=frac, frac=frac, square=True)
 
 
-def _bind(kind: str) -> tuple[Callable[..., torch.Tensor], Callable[..., None]]:
+def _bind(kind: str, doc: str) -> tuple[Callable[..., torch.Tensor], Callable[..., None]]:
+    """Named party / dealer functions for program ``kind`` (options as its ``_p_*``)."""
+
     def party(session: Session, x: torch.Tensor, bundle: PartyBundle, name: str, *, scale: int,
               method: str | None = None, **kw: object) -> torch.Tensor:
         return run(kind, session, x, bundle, name, scale=scale, method=method, **kw)
@@ -664,19 +706,19 @@ def _bind(kind: str) -> tuple[Callable[..., torch.Tensor], Callable[..., None]]:
         material(kind, builder, name, shape=tuple(shape), scale=scale, method=method, **kw)
 
     party.__name__, dealer.__name__ = kind, f"{kind}_material"
-    party.__doc__ = f"Party side of ``{kind}`` (see the module table; options as in ``_p_*``)."
-    dealer.__doc__ = f"Dealer material of ``{kind}`` for an input of ``shape`` at ``scale``."
+    party.__doc__ = f"Shares of {doc} from shares ``x`` at ``scale`` (method, rounds, error: module table)."
+    dealer.__doc__ = f"Dealer material of :func:`{kind}` for an input of ``shape`` at ``scale``."
     return party, dealer
 
 
-exp, exp_material = _bind("exp")
-reciprocal, reciprocal_material = _bind("reciprocal")
-rsqrt, rsqrt_material = _bind("rsqrt")
-sigmoid, sigmoid_material = _bind("sigmoid")
-tanh, tanh_material = _bind("tanh")
-gelu, gelu_material = _bind("gelu")
-softmax, softmax_material = _bind("softmax")
-layernorm, layernorm_material = _bind("layernorm")
+exp, exp_material = _bind("exp", "e^x")
+reciprocal, reciprocal_material = _bind("reciprocal", "1/x")
+rsqrt, rsqrt_material = _bind("rsqrt", "1/sqrt(x)")
+sigmoid, sigmoid_material = _bind("sigmoid", "sigmoid(x)")
+tanh, tanh_material = _bind("tanh", "tanh(x)")
+gelu, gelu_material = _bind("gelu", "GELU(x)")
+softmax, softmax_material = _bind("softmax", "softmax(x, axis)")
+layernorm, layernorm_material = _bind("layernorm", "LayerNorm(x) over the last axis (no affine)")
 
 
 def leaky_relu(session: Session, x: torch.Tensor, bundle: PartyBundle, name: str, *, scale: int, slope: float,
