@@ -89,7 +89,21 @@ def build_mlp(batch: int) -> tuple[nn.Module, InputFn]:
     return model, _uniform_inputs((batch, 784), seed=batch)
 
 
-#: Case registry: name -> Case. Others add their CNN / ResNet / HE cases here.
+def build_lenet(batch: int) -> tuple[nn.Module, InputFn]:
+    """LeNet-style CNN on 28x28 (see secureinfer.zoo.lenet)."""
+    from secureinfer.zoo import lenet
+
+    return lenet(), _uniform_inputs((batch, 1, 28, 28), seed=batch)
+
+
+def build_resnet(batch: int) -> tuple[nn.Module, InputFn]:
+    """Small ResNet on 3x32x32 with BatchNorm and residual adds (secureinfer.zoo.small_resnet)."""
+    from secureinfer.zoo import small_resnet
+
+    return small_resnet(), _uniform_inputs((batch, 3, 32, 32), seed=batch)
+
+
+#: Case registry: name -> Case.
 CASES: dict[str, Case] = {
     "mlp1": Case(
         batch=1, build=build_mlp, measured=20, warmup=3,
@@ -100,6 +114,20 @@ CASES: dict[str, Case] = {
         batch=100, build=build_mlp, measured=10, warmup=2,
         reference_crypten={"latency_ms": 200.0, "bytes": 15.0e6, "rounds": None},
         description="MLP 784-128-128-10, batch 100",
+    ),
+    "lenet1": Case(
+        batch=1, build=build_lenet, measured=10, warmup=2,
+        reference_crypten={"latency_ms": 600.0, "bytes": 20.0e6, "rounds": 124},
+        description="LeNet-style CNN 28x28, batch 1",
+    ),
+    "lenet32": Case(
+        batch=32, build=build_lenet, measured=4, warmup=1,
+        reference_crypten={"latency_ms": 6800.0, "bytes": 641.0e6, "rounds": 124},
+        description="LeNet-style CNN 28x28, batch 32",
+    ),
+    "resnet1": Case(
+        batch=1, build=build_resnet, measured=4, warmup=1, reference_crypten={},
+        description="small ResNet (CIFAR shape, BatchNorm, residual adds), batch 1",
     ),
 }
 
@@ -274,7 +302,7 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="mlp1,mlp100", help=f"comma-separated, from {sorted(CASES)}")
+    ap.add_argument("--cases", default="mlp1,mlp100,lenet1,lenet32,resnet1", help=f"comma-separated, from {sorted(CASES)}")
     ap.add_argument("--repeat", type=int, default=None, help="measured requests per mode (default: per case)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     ap.add_argument("--pool-size", type=int, default=4, help="dealer pool size (sets generated ahead)")

@@ -55,6 +55,7 @@ class _Model:
     seeds: list[bytes]
     masks: dict[str, Any]  # prepared fixed masks B, keyed "<node>/<attr>"
     wanted: dict[tuple[int, str], float] = field(default_factory=dict)  # (batch, purpose) -> last use
+    set_bytes: dict[tuple[int, str], int] = field(default_factory=dict)  # measured size of one set
 
 
 @dataclass
@@ -75,7 +76,7 @@ class _Binding:
 class DealerCore:
     def __init__(
         self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 60.0,
-        wanted_ttl_s: float = 600.0,
+        wanted_ttl_s: float = 600.0, max_pool_bytes: int = 1 << 30,
     ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
@@ -84,6 +85,7 @@ class DealerCore:
         self.session_ttl_s = session_ttl_s
         self.set_ttl_s = set_ttl_s
         self.wanted_ttl_s = wanted_ttl_s
+        self.max_pool_bytes = max_pool_bytes
         self._lock = threading.Condition()
         self._models: dict[str, _Model] = {}
         self._pools: dict[_Key, OrderedDict[str, _Set]] = {}
@@ -154,6 +156,7 @@ class DealerCore:
         parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
         with self._lock:
             self.counters["sets_generated"] += 1
+            m.set_bytes[(batch, purpose)] = sum(len(p) for p in parts if p is not None)
         return _Set(uuid.uuid4().hex, parts, time.monotonic())
 
     def prefetch(self, deployment_id: str, *, party_id: int, batch: int, purpose: str) -> tuple[str, bytes] | None:
@@ -290,7 +293,9 @@ class DealerCore:
             for (batch, purpose), last in sorted(m.wanted.items()):
                 if now - last > self.wanted_ttl_s:
                     continue
-                if len(self._pools.get((dep, batch, purpose), {})) < self.pool_size:
+                size = m.set_bytes.get((batch, purpose), 0)
+                depth = max(1, min(self.pool_size, self.max_pool_bytes // size)) if size else self.pool_size
+                if len(self._pools.get((dep, batch, purpose), {})) < depth:
                     return m, dep, batch, purpose
         return None
 

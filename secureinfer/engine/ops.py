@@ -30,7 +30,14 @@ from secureinfer.dealer.material import BundleBuilder, PartyBundle, gate_materia
 from secureinfer.errors import ShapeError
 from secureinfer.graph.ir import Node
 from secureinfer.protocols.arith import linear_fixed, linear_offline, truncate
-from secureinfer.protocols.compare import argmax_material_shapes, argmax_onehot, gate, gate_params, max_pair
+from secureinfer.protocols.compare import (
+    DEFAULT_INT_BITS,
+    argmax_material_shapes,
+    argmax_onehot,
+    gate,
+    gate_params,
+    max_pair,
+)
 from secureinfer.protocols.session import Session
 
 __all__ = ["OPS", "Ctx", "FixedOperand", "SecureOp", "ValueSpec", "register"]
@@ -353,14 +360,14 @@ class Argmax(SecureOp):
 # ----------------------------------------------------------------------------- pooling
 
 
-def _unfold_int(x: torch.Tensor, node: Node) -> torch.Tensor:
+def _unfold_int(x: torch.Tensor, node: Node, *, pad_value: int = 0) -> torch.Tensor:
     a = node.attrs
     kh, kw = a["kernel_size"]
     sh, sw = a["stride"]
     ph, pw = a["padding"]
     nc, _, h, w = x.shape
     if ph or pw:
-        x = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+        x = torch.nn.functional.pad(x, (pw, pw, ph, ph), value=pad_value)
     patches = x.unfold(2, kh, sh).unfold(3, kw, sw)  # (nc, 1, oh, ow, kh, kw)
     oh, ow = patches.shape[2], patches.shape[3]
     return patches.reshape(nc, oh, ow, kh * kw)
@@ -399,7 +406,10 @@ class MaxPool2d(SecureOp):
                           frac=0, method=ctx.method)
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
-        win = _unfold_int(xs[0].reshape(-1, 1, *ins[0].shape[2:]), node)
+        # max pooling pads with "minus infinity": the most negative value the gates compare
+        # exactly, added by party 0 only (a share of a public constant)
+        pad = -(1 << (ins[0].scale + DEFAULT_INT_BITS - 1)) if s.party_id == 0 else 0
+        win = _unfold_int(xs[0].reshape(-1, 1, *ins[0].shape[2:]), node, pad_value=pad)
         lvl = 0
         while win.shape[-1] > 1:
             k = win.shape[-1]

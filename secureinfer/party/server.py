@@ -219,14 +219,16 @@ class PartyServer:
         self.cache.want(key)
         bind = dealer_pb2.BindRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
                                       batch=batch, purpose=purpose)
-        set_id = self._dealer_call(lambda: self.dealer.Bind(bind, timeout=self.settings.rpc_timeout_s).set_id, lm)
+        # the dealer may have to generate a set on the spot: allow the request's timeout
+        wait = self.settings.request_timeout_s
+        set_id = self._dealer_call(lambda: self.dealer.Bind(bind, timeout=wait).set_id, lm)
         if set_id:
             bundle = self.cache.take(key, set_id)
             if bundle is not None:
                 return bundle
         req = dealer_pb2.FetchRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
                                       batch=batch, purpose=purpose)
-        got = self._dealer_call(lambda: read_chunks(self.dealer.Fetch(req, timeout=self.settings.rpc_timeout_s),
+        got = self._dealer_call(lambda: read_chunks(self.dealer.Fetch(req, timeout=wait),
                                                     max_bytes=self.settings.max_message_bytes * 64), lm)
         if got is None:
             raise ProtocolError("dealer sent no material")

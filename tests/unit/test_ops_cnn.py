@@ -126,3 +126,19 @@ def test_maxpool_with_padding_and_odd_window() -> None:
     assert (got["logits"] - ref).abs().max() < 1e-3
     assert rounds == 4  # 9 -> 5 -> 3 -> 2 -> 1
     np.testing.assert_array_equal(got["logits"].shape, ref.shape)
+
+
+def test_padded_maxpool_pads_with_minus_infinity_and_relu_reordering() -> None:
+    nodes = [Node("r", "relu", ("input",)),
+             Node("mp", "maxpool2d", ("r",), {"kernel_size": [2, 2], "stride": [2, 2], "padding": [1, 1]}),
+             Node("mp2", "maxpool2d", ("input",), {"kernel_size": [3, 3], "stride": [1, 1], "padding": [1, 1]}),
+             Node("f1", "flatten", ("mp",), {"start_dim": 1}), Node("f2", "flatten", ("mp2",), {"start_dim": 1}),
+             Node("cat", "concat", ("f1", "f2"), {"axis": 1})]
+    g = Graph([TensorSpec("input", (-1, 2, 5, 5))], nodes, ["cat"])
+    plan = compile_plan(g, batch=1, n_parties=2)
+    assert [s.node.op for s in plan.steps][:2] == ["maxpool2d", "relu"]  # pooled before the ReLU
+    x = -torch.rand(2, 2, 5, 5) - 0.1  # all negative: zero padding would be wrong
+    got, _ = run_secure(g, x, 2)
+    ref = torch.cat([F.max_pool2d(F.relu(x.double()), 2, 2, padding=1).flatten(1),
+                     F.max_pool2d(x.double(), 3, 1, padding=1).flatten(1)], 1)
+    assert (got["logits"] - ref).abs().max() < 1e-3
