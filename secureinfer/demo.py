@@ -51,6 +51,25 @@ def train_digits_mlp(x_train: np.ndarray, y_train: np.ndarray, *, hidden: int = 
     return model.eval()
 
 
+def train_digits_cnn(x_train: np.ndarray, y_train: np.ndarray, *, epochs: int = 15, seed: int = 0) -> nn.Module:
+    """The digits CNN of :func:`secureinfer.zoo.digits_cnn` trained on 8x8 images."""
+    from secureinfer.zoo import digits_cnn
+
+    g = torch.Generator().manual_seed(seed)  # shuffles training data only (not secret)
+    model = digits_cnn(seed=seed)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    xt, yt = torch.from_numpy(x_train).reshape(-1, 1, 8, 8), torch.from_numpy(y_train).long()
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=g)
+        for i in range(0, len(xt), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
+            opt.step()
+    return model.eval()
+
+
 def run_demo(*, workdir: Path, samples: int = 0, batch: int = 32) -> int:
     from tqdm import tqdm
 
