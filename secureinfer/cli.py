@@ -104,7 +104,7 @@ def _cmd_dp_budget(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from secureinfer.demo import run_demo
 
-    return run_demo(workdir=Path(args.workdir), samples=args.samples)
+    return run_demo(workdir=Path(args.workdir), samples=args.samples, dp=args.dp)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="run a local demo cluster end to end")
     sp.add_argument("--workdir", default=".demo")
     sp.add_argument("--samples", type=int, default=0, help="test samples to run (0 = whole test split)")
+    sp.add_argument("--dp", action="store_true", help="also release DP-noised logits and print epsilon spent")
     sp.set_defaults(func=_cmd_demo)
 
     from secureinfer import certs

@@ -70,9 +70,17 @@ def train_digits_cnn(x_train: np.ndarray, y_train: np.ndarray, *, epochs: int = 
     return model.eval()
 
 
-def run_demo(*, workdir: Path, samples: int = 0, batch: int = 32) -> int:
+def _secure_eval(client, name: str, x: np.ndarray, batch: int, desc: str) -> tuple[np.ndarray, list]:
     from tqdm import tqdm
 
+    out, costs = [], []
+    for i in tqdm(range(0, len(x), batch), desc=desc, unit="batch"):
+        out.append(client.infer(name, x[i : i + batch]))
+        costs.append(client.last_cost)
+    return np.concatenate(out), costs
+
+
+def run_demo(*, workdir: Path, samples: int = 0, batch: int = 32, dp: bool = False) -> int:
     from secureinfer.client.sdk import Client, deploy
     from secureinfer.localcluster import LocalCluster
 
@@ -82,39 +90,59 @@ def run_demo(*, workdir: Path, samples: int = 0, batch: int = 32) -> int:
     cluster = LocalCluster(workdir)
     print("[2/5] starting dealer + 2 parties (mTLS gRPC on loopback)", flush=True)
     cluster.start()
+    ok = True
     try:
         x_tr, x_te, y_tr, y_te = load_digits_split()
         if samples:
             x_te, y_te = x_te[:samples], y_te[:samples]
-        print(f"[3/5] training an MLP on sklearn digits ({len(x_tr)} train / {len(x_te)} test)", flush=True)
-        model = train_digits_mlp(x_tr, y_tr)
-        with torch.no_grad():
-            plain = model(torch.from_numpy(x_te)).double().numpy()
-        print("[4/5] deploying: weights are secret-shared, each party gets only its share", flush=True)
-        deploy(model, torch.from_numpy(x_te[:1]), name="digits-mlp", config=cluster.config_path)
-        print("[5/5] secure inference on the test split", flush=True)
-        secure = np.zeros_like(plain)
-        with Client(cluster.config_path) as client:
-            client.infer("digits-mlp", x_te[:1])
-            single = client.last_cost
-            costs = []
-            for i in tqdm(range(0, len(x_te), batch), desc="secure inference", unit="batch"):
-                secure[i : i + batch] = client.infer("digits-mlp", x_te[i : i + batch])
-                costs.append(client.last_cost)
-        agree = float((secure.argmax(1) == plain.argmax(1)).mean())
-        result = {
-            "test_samples": len(x_te),
-            "plaintext_accuracy": float((plain.argmax(1) == y_te).mean()),
-            "secure_accuracy": float((secure.argmax(1) == y_te).mean()),
-            "argmax_agreement": agree,
-            "max_abs_logit_error": float(np.abs(secure - plain).max()),
-            "batch1": single.as_dict() if single else None,
-            f"batch{batch}_mean_latency_ms": round(float(np.mean([c.latency_ms for c in costs])), 2),
-            f"batch{batch}_rounds": costs[0].rounds,
-            f"batch{batch}_bytes_online": costs[0].bytes_online,
+        print(f"[3/5] training an MLP and a CNN on sklearn digits ({len(x_tr)} train / {len(x_te)} test)", flush=True)
+        models = {
+            "digits-mlp": (train_digits_mlp(x_tr, y_tr), x_te),
+            "digits-cnn": (train_digits_cnn(x_tr, y_tr), x_te.reshape(-1, 1, 8, 8)),
         }
-        print(json.dumps(result, indent=2))
-        ok = agree == 1.0 and result["max_abs_logit_error"] <= 1e-2
+        print("[4/5] deploying: weights are secret-shared, each party gets only its share", flush=True)
+        for name, (model, x) in models.items():
+            deploy(model, torch.from_numpy(x[:1]), name=name, config=cluster.config_path)
+        if dp:
+            dp_params = {"dp.epsilon": "4", "dp.delta": "1e-6", "dp.clip": "8", "dp.budget_epsilon": "100000",
+                         "dp.budget_delta": "1e-3"}
+            deploy(models["digits-mlp"][0], torch.from_numpy(x_te[:1]), name="digits-mlp-dp",
+                   config=cluster.config_path, parameters=dp_params)
+        print("[5/5] secure inference on the test split", flush=True)
+        results = []
+        with Client(cluster.config_path) as client:
+            for name, (model, x) in models.items():
+                with torch.no_grad():
+                    plain = model(torch.from_numpy(x)).double().numpy()
+                client.infer(name, x[:1])
+                single = client.last_cost
+                secure, costs = _secure_eval(client, name, x, batch, name)
+                agree = float((secure.argmax(1) == plain.argmax(1)).mean())
+                err = float(np.abs(secure - plain).max())
+                ok = ok and agree == 1.0 and err <= 1e-2
+                results.append({
+                    "model": name, "test_samples": len(x),
+                    "plaintext_accuracy": round(float((plain.argmax(1) == y_te).mean()), 4),
+                    "secure_accuracy": round(float((secure.argmax(1) == y_te).mean()), 4),
+                    "argmax_agreement": agree, "max_abs_logit_error": err,
+                    "batch1": single.as_dict() if single else None,
+                    f"batch{batch}_mean_latency_ms": round(float(np.mean([c.latency_ms for c in costs])), 2),
+                    f"batch{batch}_rounds": costs[0].rounds, f"batch{batch}_bytes_online": costs[0].bytes_online,
+                })
+            if dp:
+                model, x = models["digits-mlp"]
+                with torch.no_grad():
+                    plain = model(torch.from_numpy(x)).double().numpy()
+                noisy, _ = _secure_eval(client, "digits-mlp-dp", x, batch, "digits-mlp-dp")
+                results.append({
+                    "model": "digits-mlp-dp", "mechanism": "Skellam noise shares added inside the MPC",
+                    "epsilon_per_query": 4.0, "delta_per_query": 1e-6, "logit_clip": 8.0,
+                    "epsilon_spent_total": float(client.last_info.get("dp.epsilon_spent", "nan")),
+                    "plaintext_accuracy": round(float((plain.argmax(1) == y_te).mean()), 4),
+                    "dp_accuracy": round(float((noisy.argmax(1) == y_te).mean()), 4),
+                })
+        for r in results:
+            print(json.dumps(r))
         print("demo " + ("passed" if ok else "FAILED: secure and plaintext outputs disagree"))
         return 0 if ok else 1
     finally:
