@@ -154,7 +154,7 @@ def test_exp_over_its_range(n: int) -> None:
     x = torch.arange(-384.0, 4.0 + step, step, dtype=torch.float64)
     got, ref = secure("exp", x, n), torch.exp(x)
     neg = x <= 0
-    assert (got[neg] - ref[neg]).abs().max() <= 4e-6
+    assert (got[neg] - ref[neg]).abs().max() <= 5e-6
     assert ((got[~neg] - ref[~neg]) / ref[~neg]).abs().max() <= 2e-4
 
 
@@ -197,10 +197,10 @@ def test_softmax_vs_torch(n: int) -> None:
 
 
 def _layernorm_rows(size: int, rows: int) -> torch.Tensor:
-    """Rows with standard deviation 1e-3 .. 1e3 (variance up to 1e6 < 2^20), random means."""
+    """Rows with standard deviation 1e-3 .. 200 (variance up to 4e4 < 2^16), random means."""
     z = torch.randn(rows, size, dtype=torch.float64)
     z = (z - z.mean(1, keepdim=True)) / z.std(1, unbiased=False, keepdim=True)
-    std = torch.logspace(-3, 3, rows, dtype=torch.float64).unsqueeze(1)
+    std = torch.logspace(-3, np.log10(200.0), rows, dtype=torch.float64).unsqueeze(1)
     x = q16(z * std + torch.randn(rows, 1, dtype=torch.float64) * 5)
     x[0] = 1.5  # constant row: output 0
     return x
@@ -212,7 +212,7 @@ def test_layernorm_vs_torch(n: int) -> None:
     for size in (2, 8, 64, 768):
         x = _layernorm_rows(size, 24)
         ref = F.layer_norm(x, (size,), eps=1e-5)
-        assert (secure("layernorm", x, n) - ref).abs().max() <= 5e-4, size
+        assert (secure("layernorm", x, n) - ref).abs().max() <= 3e-4, size
 
 
 @pytest.mark.slow
@@ -220,7 +220,7 @@ def test_layernorm_vs_torch(n: int) -> None:
 def test_layernorm_wide_rows(n: int) -> None:
     torch.manual_seed(3)
     x = _layernorm_rows(4096, 32)
-    assert (secure("layernorm", x, n) - F.layer_norm(x, (4096,), eps=1e-5)).abs().max() <= 5e-4
+    assert (secure("layernorm", x, n) - F.layer_norm(x, (4096,), eps=1e-5)).abs().max() <= 3e-4
 
 
 def test_dealer_sends_party_one_seeds_only() -> None:
