@@ -39,6 +39,7 @@ from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate
 from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError
 from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed
+from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose, torch_layout
 
 __all__ = ["DealerCore", "PURPOSES"]
 
@@ -54,6 +55,7 @@ class _Model:
     n_parties: int
     seeds: list[bytes]
     masks: dict[str, Any]  # prepared fixed masks B, keyed "<node>/<attr>"
+    raw_masks: dict[str, Any]  # the same masks unprepared (watermark audits flatten them)
     wanted: dict[tuple[int, str], float] = field(default_factory=dict)  # (batch, purpose) -> last use
     set_bytes: dict[tuple[int, str], int] = field(default_factory=dict)  # measured size of one set
 
@@ -114,12 +116,14 @@ class DealerCore:
         b = BundleBuilder(n_parties, seeds=seeds)
         nodes = {n.name: n for n in graph.nodes}
         masks: dict[str, Any] = {}
+        raw: dict[str, Any] = {}
         for key, shape in fixed_operand_shapes(graph).items():
             node_name, attr = key.rsplit("/", 1)
             node = nodes[node_name]
-            masks[key] = OPS[node.op].prepare(node, attr, b.random(f"{key}/B", shape))
+            raw[key] = b.random(f"{key}/B", shape)
+            masks[key] = OPS[node.op].prepare(node, attr, raw[key])
         with self._lock:
-            m = self._models.setdefault(deployment_id, _Model(graph, graph.digest(), n_parties, seeds, masks))
+            m = self._models.setdefault(deployment_id, _Model(graph, graph.digest(), n_parties, seeds, masks, raw))
             m.wanted.setdefault((1, "logits"), time.monotonic())
             self._lock.notify_all()
             return m.digest, m.seeds[party_id]
@@ -140,7 +144,12 @@ class DealerCore:
 
     @staticmethod
     def _check(batch: int, purpose: str, session_id: str | None = None) -> None:
-        if purpose not in PURPOSES:
+        if purpose.startswith(AUDIT_PREFIX):
+            try:
+                parse_purpose(purpose)
+            except ValueError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+        elif purpose not in PURPOSES:
             raise InvalidArgumentError(f"unknown purpose {purpose!r}; one of {PURPOSES}")
         if not 1 <= batch <= MAX_BATCH:
             raise InvalidArgumentError(f"batch {batch} outside 1..{MAX_BATCH}")
@@ -149,6 +158,8 @@ class DealerCore:
 
     # ------------------------------------------------------------------ material
     def _generate(self, m: _Model, batch: int, purpose: str) -> _Set:
+        if purpose.startswith(AUDIT_PREFIX):
+            return self._generate_audit(m, purpose)
         plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax",
                             dp_clip=1.0 if purpose == "dp" else None)  # the bound is not in the material
         b = BundleBuilder(m.n_parties)
@@ -159,13 +170,30 @@ class DealerCore:
             m.set_bytes[(batch, purpose)] = sum(len(p) for p in parts if p is not None)
         return _Set(uuid.uuid4().hex, parts, time.monotonic())
 
+    @staticmethod
+    def _want(m: _Model, batch: int, purpose: str) -> None:
+        """Keep the pool of this kind of request filled (not for one-off audits)."""
+        if not purpose.startswith(AUDIT_PREFIX):
+            m.wanted[(batch, purpose)] = time.monotonic()
+
+    def _generate_audit(self, m: _Model, purpose: str) -> _Set:
+        layer, bits = parse_purpose(purpose)
+        node = next((n for n in m.graph.nodes if n.attrs.get("weight") == layer), None)
+        if node is None or f"{node.name}/weight" not in m.raw_masks:
+            raise InvalidArgumentError(f"the deployment has no weight parameter {layer!r}")
+        mask_flat = torch_layout(node.op, m.raw_masks[f"{node.name}/weight"]).reshape(-1, 1)
+        b = BundleBuilder(m.n_parties)
+        audit_material(b, mask_flat=mask_flat, bits=bits)
+        parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
+        return _Set(uuid.uuid4().hex, parts, time.monotonic())
+
     def prefetch(self, deployment_id: str, *, party_id: int, batch: int, purpose: str) -> tuple[str, bytes] | None:
         """This party's part of the oldest pooled set it does not hold yet, or None."""
         self._check(batch, purpose)
         with self._lock:
             self._expire()
             m = self._model(deployment_id, party_id)
-            m.wanted[(batch, purpose)] = time.monotonic()
+            self._want(m, batch, purpose)
             self._lock.notify_all()
             for s in self._pools.get((deployment_id, batch, purpose), {}).values():
                 part = s.parts[party_id]
@@ -188,7 +216,7 @@ class DealerCore:
         with self._lock:
             self._expire()
             m = self._model(deployment_id, party_id)
-            m.wanted[(batch, purpose)] = time.monotonic()
+            self._want(m, batch, purpose)
             b = self._sessions.get(session_id)
             if b is None:
                 pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
@@ -236,7 +264,7 @@ class DealerCore:
         with self._lock:
             self._expire()
             m = self._model(deployment_id, party_id)
-            m.wanted[(batch, purpose)] = time.monotonic()
+            self._want(m, batch, purpose)
         b = self._bind_fresh(m, deployment_id, session_id, batch, purpose)
         with self._lock:
             part = b.set.parts[party_id]

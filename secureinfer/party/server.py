@@ -216,7 +216,8 @@ class PartyServer:
         """This session's dealer material: a prefetched set if the dealer binds one, else fetched."""
         dep = lm.record.deployment_id
         key = (dep, batch, purpose)
-        self.cache.want(key)
+        if not purpose.startswith("audit:"):  # one-off audits are never prefetched
+            self.cache.want(key)
         bind = dealer_pb2.BindRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
                                       batch=batch, purpose=purpose)
         # the dealer may have to generate a set on the spot: allow the request's timeout
@@ -357,6 +358,53 @@ class PartyServer:
             name=name, version=version, deployment_id=header.deployment_id,
             cost=common_pb2.Cost(rounds=c.rounds, bytes_sent_online=c.bytes_sent, bytes_received_online=c.bytes_received),
         )
+
+    def audit(self, req: party_pb2.AuditRequest, *, auditor: str) -> party_pb2.AuditResponse:
+        """Watermark audit inside the MPC (see :mod:`secureinfer.watermark.mpc`)."""
+        from secureinfer.watermark.mpc import purpose as audit_purpose
+        from secureinfer.watermark.mpc import run_audit, torch_layout
+
+        lm = self.model(req.model_name, req.model_version)
+        if not _RID_RE.match(req.request_id):
+            raise InvalidArgumentError("request_id must be 1..64 characters of [A-Za-z0-9_-]")
+        node = next((n for n in lm.graph.nodes if n.attrs.get("weight") == req.layer), None)
+        fixed = lm.model.fixed.get(node.name, {}).get("weight") if node is not None else None
+        if node is None or fixed is None:
+            raise InvalidArgumentError(f"model {lm.record.name!r} has no weight parameter {req.layer!r}")
+        public_flat = torch_layout(node.op, fixed.raw_public).reshape(-1, 1)
+        local_flat = torch_layout(node.op, fixed.raw_local).reshape(-1, 1)
+        d = public_flat.shape[0]
+        proj = share_from_proto(req.projection, max_elements=1 << 26)
+        bits = share_from_proto(req.bits, max_elements=4096)
+        t = bits.shape[0] if bits.dim() == 1 else -1
+        if t < 1 or tuple(proj.shape) != (t, d):
+            raise ShapeError(f"audit of {req.layer!r} needs a projection of shape (bits, {d}) and bits of shape "
+                             f"(bits,), got {tuple(proj.shape)} and {tuple(bits.shape)}")
+        if not 0 <= req.threshold < t:
+            raise InvalidArgumentError(f"threshold {req.threshold} outside [0, {t})")
+        sid = f"audit/{lm.record.deployment_id}/{req.request_id}"
+        session = Session(party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
+                          timeout=self.settings.rpc_timeout_s,
+                          deadline=time.monotonic() + self.settings.request_timeout_s)
+        try:
+            bundle = self.material(lm, sid, 1, audit_purpose(req.layer, t))
+            verdict, distance = run_audit(session, bundle, projection=proj, bits=bits, public_flat=public_flat,
+                                          local_flat=local_flat, threshold=int(req.threshold))
+        except BaseException as exc:
+            self.transport.abort(sid, f"party {self.party_id}: {exc}")
+            raise
+        finally:
+            self.transport.close_session(sid)
+        self.log.info("audit", auditor=auditor, model=lm.record.name, version=lm.record.version, layer=req.layer,
+                      bits=t, request=req.request_id, reveal_distance=req.reveal_distance)
+        resp = party_pb2.AuditResponse(
+            party_id=self.party_id,
+            verdict=tensor_to_proto(verdict, encoding=common_pb2.ENCODING_ADDITIVE_SHARE),
+            cost=common_pb2.Cost(rounds=session.costs.rounds, bytes_sent_online=session.costs.bytes_sent),
+        )
+        if req.reveal_distance:
+            resp.distance.CopyFrom(tensor_to_proto(distance, encoding=common_pb2.ENCODING_ADDITIVE_SHARE))
+        return resp
 
     def remove(self, name: str, version: str) -> None:
         lm = self.model(name, version)
@@ -504,6 +552,13 @@ class _Admin(party_pb2_grpc.ModelAdminServicer):
             return self.s.deploy(header, bytes(buf))
 
         return _guard(self.s, ctx, "deploy", run)
+
+    def Audit(self, request: party_pb2.AuditRequest, ctx: grpc.ServicerContext) -> party_pb2.AuditResponse:
+        def run() -> party_pb2.AuditResponse:
+            ident = tls.require_role(ctx, ROLE_AUDITOR, insecure_metadata=self.s._insecure)
+            return self.s.audit(request, auditor=ident.name)
+
+        return _guard(self.s, ctx, "audit", run)
 
     def Remove(self, request: party_pb2.RemoveRequest, ctx: grpc.ServicerContext) -> party_pb2.RemoveResponse:
         def run() -> party_pb2.RemoveResponse:

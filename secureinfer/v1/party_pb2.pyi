@@ -169,3 +169,35 @@ class AbortNotice(_message.Message):
     sender: int
     reason: str
     def __init__(self, session_id: _Optional[str] = ..., sender: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class AuditRequest(_message.Message):
+    __slots__ = ("model_name", "model_version", "request_id", "layer", "projection", "bits", "threshold", "reveal_distance")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    PROJECTION_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    REVEAL_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    request_id: str
+    layer: str
+    projection: _common_pb2.Tensor
+    bits: _common_pb2.Tensor
+    threshold: int
+    reveal_distance: bool
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., projection: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., bits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., threshold: _Optional[int] = ..., reveal_distance: _Optional[bool] = ...) -> None: ...
+
+class AuditResponse(_message.Message):
+    __slots__ = ("verdict", "distance", "party_id", "cost")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    verdict: _common_pb2.Tensor
+    distance: _common_pb2.Tensor
+    party_id: int
+    cost: _common_pb2.Cost
+    def __init__(self, verdict: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., distance: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., party_id: _Optional[int] = ..., cost: _Optional[_Union[_common_pb2.Cost, _Mapping]] = ...) -> None: ...

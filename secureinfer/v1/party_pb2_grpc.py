@@ -255,6 +255,11 @@ class ModelAdminStub:
                 request_serializer=secureinfer_dot_v1_dot_party__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=secureinfer_dot_v1_dot_party__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/secureinfer.v1.ModelAdmin/Audit',
+                request_serializer=secureinfer_dot_v1_dot_party__pb2.AuditRequest.SerializeToString,
+                response_deserializer=secureinfer_dot_v1_dot_party__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -281,6 +286,15 @@ class ModelAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Audit(self, request, context):
+        """Watermark audit of a deployed model inside the MPC (role auditor): the parties
+        compute the keyed projection of their weight shares, the sign bits and the Hamming
+        distance, and return only shares of the verdict (and of the distance if asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +312,11 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=secureinfer_dot_v1_dot_party__pb2.ListModelsRequest.FromString,
                     response_serializer=secureinfer_dot_v1_dot_party__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=secureinfer_dot_v1_dot_party__pb2.AuditRequest.FromString,
+                    response_serializer=secureinfer_dot_v1_dot_party__pb2.AuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -382,6 +401,33 @@ class ModelAdmin:
             '/secureinfer.v1.ModelAdmin/ListModels',
             secureinfer_dot_v1_dot_party__pb2.ListModelsRequest.SerializeToString,
             secureinfer_dot_v1_dot_party__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secureinfer.v1.ModelAdmin/Audit',
+            secureinfer_dot_v1_dot_party__pb2.AuditRequest.SerializeToString,
+            secureinfer_dot_v1_dot_party__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

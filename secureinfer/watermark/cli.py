@@ -144,6 +144,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         expected = public_key_bytes(load_owner_public_key(args.expect_owner)) if args.expect_owner else None
     except SecureInferError as exc:
         return _err(str(exc))
+    if args.deployed:
+        if args.model:
+            return _err("give either MODEL (a file) or --deployed NAME (a deployed model), not both")
+        return _verify_deployed(args, registered)
+    if not args.model:
+        return _err("give MODEL (a file) or --deployed NAME with --config")
     verdict = verify_files(
         args.model,
         args.cert,
@@ -152,6 +158,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         max_fpr=args.max_fpr,
         expected_owner=expected,
     )
+    _print_verdict(verdict, as_json=args.json)
+    return 0 if verdict.passed else 1
+
+
+def _verify_deployed(args: argparse.Namespace, registered: Any) -> int:
+    """MPC mode: the parties verify their secret-shared weights; only the verdict comes back."""
+    from secureinfer.client.audit import verify_deployed
+    from secureinfer.config import config_path, load_topology
+    from secureinfer.watermark.certificate import load_certificate
+    from secureinfer.watermark.keys import load_watermark_key
+
+    try:
+        topo = load_topology(config_path(args.config))
+        verdict = verify_deployed(topo, args.deployed, cert=load_certificate(args.cert), key=load_watermark_key(args.key),
+                                  version=args.version, registered_at=registered,
+                                  reveal_distance=args.reveal_distance)
+    except SecureInferError as exc:
+        return _err(str(exc))
     _print_verdict(verdict, as_json=args.json)
     return 0 if verdict.passed else 1
 
@@ -202,7 +226,11 @@ def register_cli(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     audit = subparsers.add_parser("audit", help="verify ownership watermarks")
     asub = audit.add_subparsers(dest="audit_command", metavar="COMMAND", required=True)
     p = asub.add_parser("verify", help="verify a model file against a certificate and its key; exit 0 = pass")
-    p.add_argument("model", metavar="MODEL", help="suspect model's state_dict (.pt/.pth/.npz)")
+    p.add_argument("model", metavar="MODEL", nargs="?", help="suspect model's state_dict (.pt/.pth/.npz)")
+    p.add_argument("--deployed", metavar="NAME", help="verify a deployed secret-shared model through the MPC instead")
+    p.add_argument("--version", default="", help="with --deployed: model version (default: latest)")
+    p.add_argument("--config", help="with --deployed: topology file (default: $SECUREINFER_CONFIG)")
+    p.add_argument("--reveal-distance", action="store_true", help="with --deployed: also reveal the bit errors")
     p.add_argument("--cert", required=True, help="the owner's certificate (JSON)")
     p.add_argument("--key", required=True, help="the watermark key file revealed by the owner")
     p.add_argument("--registered-at", help="ISO 8601 time the suspect model was registered; the certificate must predate it")
