@@ -186,12 +186,14 @@ def test_cost_estimate_follows_the_plan() -> None:
     assert [s.rounds for s in steps] == [row["rounds"] for row in plan.per_step()]
     by = {s.step: s for s in steps}
     assert by["c1"].bytes_per_peer == 8 * 28 * 28  # only the input mask is opened
-    assert by["r1"].bytes_per_peer == 8 * 16 * 24 * 24  # FSS gate: one opening per element
-    assert by["p1"].bytes_per_peer == 8 * 16 * 12 * 12 * (2 + 1)  # 4-window tournament: 2 + 1 gates per window
+    # the planner pools before the ReLU (maxpool(relu(x)) == relu(maxpool(x))): step "p1/pool"
+    # is the max tournament on the conv output, "p1" the ReLU gate on the pooled values
+    assert by["p1/pool"].bytes_per_peer == 8 * 16 * 12 * 12 * (2 + 1)  # 4-window tournament: 2 + 1 gates
+    assert by["p1"].bytes_per_peer == 8 * 16 * 12 * 12  # FSS gate: one opening per element
     assert by["flat"].bytes_per_peer == 0
     three = estimate_cost(g, batch=2, n_parties=3)
     assert all(t.bytes_per_peer is not None for t in three)
-    assert next(t for t in three if t.step == "r1").bytes_per_peer > 8 * 2 * by["r1"].bytes_per_peer  # bitwise
+    assert next(t for t in three if t.step == "p1").bytes_per_peer > 8 * 2 * by["p1"].bytes_per_peer  # bitwise
 
 
 def test_inspect_report_and_cli(tmp_path, capsys) -> None:
