@@ -17,7 +17,7 @@ __all__ = ["BasicBlock", "digits_cnn", "lenet", "small_resnet"]
 
 
 def digits_cnn(*, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # reproducible initial weights of a public reference model (not secret)
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
@@ -26,7 +26,7 @@ def digits_cnn(*, seed: int = 0) -> nn.Sequential:
 
 
 def lenet(*, seed: int = 0) -> nn.Sequential:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # reproducible initial weights of a public reference model (not secret)
     return nn.Sequential(
         nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(16, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
@@ -55,7 +55,7 @@ class BasicBlock(nn.Module):
 
 def small_resnet(*, seed: int = 0, num_classes: int = 10) -> nn.Module:
     """ResNet-8-style network for 3x32x32 inputs (~78k parameters)."""
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # reproducible initial weights of a public reference model (not secret)
     model = nn.Sequential(
         nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         BasicBlock(16, 16), BasicBlock(16, 32, stride=2), BasicBlock(32, 64, stride=2),

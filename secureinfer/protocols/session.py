@@ -15,13 +15,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from secureinfer.errors import ProtocolError
 from secureinfer.transport.base import Transport
+from secureinfer.transport.codec import pack_ring, unpack_ring
 
-__all__ = ["Costs", "Session", "pack_ring", "unpack_ring"]
+__all__ = ["Costs", "Session"]
 
 
 @dataclass
@@ -43,27 +42,6 @@ class Costs:
             "bytes_offline": self.bytes_offline,
             "offline_ms": round(self.offline_ms, 3),
         }
-
-
-def pack_ring(tensors: Sequence[torch.Tensor]) -> bytes:
-    """Concatenate int64 tensors as raw little-endian bytes (shapes known to both sides)."""
-    parts = [t.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8", copy=False) for t in tensors]
-    return b"".join(p.tobytes() for p in parts)
-
-
-def unpack_ring(
-    data: bytes, shapes: Sequence[tuple[int, ...] | torch.Size], *, device: torch.device | str = "cpu"
-) -> list[torch.Tensor]:
-    """Inverse of :func:`pack_ring`; raises ProtocolError if the length does not match."""
-    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-    if len(data) != 8 * sum(sizes):
-        raise ProtocolError(f"payload has {len(data)} bytes, expected {8 * sum(sizes)}")
-    flat = torch.from_numpy(np.frombuffer(data, dtype="<i8").copy())
-    out, off = [], 0
-    for s, n in zip(shapes, sizes):
-        out.append(flat[off : off + n].reshape(tuple(s)).to(device))
-        off += n
-    return out
 
 
 class Session:
@@ -128,8 +106,8 @@ class Session:
         shapes = [s.shape for s in shares]
         totals = [s.clone() for s in shares]
         for p in self.peers:
-            for tot, part in zip(totals, unpack_ring(got[p], shapes, device=self.device)):
-                tot += part
+            for tot, part in zip(totals, unpack_ring(got[p], shapes)):
+                tot += part.to(self.device)
         return totals
 
     def open_one(self, share: torch.Tensor) -> torch.Tensor:
