@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,7 +66,8 @@ class _Set:
     set_id: str
     parts: list[bytes | None]  # serialized bundle per party; None once handed out
     created: float
-    delivered: set[int] = field(default_factory=set)  # parties that prefetched their part
+    delivered: set[int] = field(default_factory=set)  # parties that were handed their part (Prefetch)
+    confirmed: set[int] = field(default_factory=set)  # parties that reported holding it
 
 
 @dataclass
@@ -187,15 +189,27 @@ class DealerCore:
         parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
         return _Set(uuid.uuid4().hex, parts, time.monotonic())
 
-    def prefetch(self, deployment_id: str, *, party_id: int, batch: int, purpose: str) -> tuple[str, bytes] | None:
-        """This party's part of the oldest pooled set it does not hold yet, or None."""
+    def prefetch(
+        self, deployment_id: str, *, party_id: int, batch: int, purpose: str, held: Sequence[str] = ()
+    ) -> tuple[str, bytes] | None:
+        """Record which pooled sets this party holds; hand it the oldest one it lacks, or None.
+
+        A part handed out counts as held only once the party reports it in ``held`` (a
+        transfer can fail after the dealer let go of it); only sets every party holds
+        are bound by :meth:`bind`.
+        """
         self._check(batch, purpose)
         with self._lock:
             self._expire()
             m = self._model(deployment_id, party_id)
             self._want(m, batch, purpose)
             self._lock.notify_all()
-            for s in self._pools.get((deployment_id, batch, purpose), {}).values():
+            pool = self._pools.get((deployment_id, batch, purpose), {})
+            for sid in held:
+                s = pool.get(sid)
+                if s is not None and party_id in s.delivered:
+                    s.confirmed.add(party_id)
+            for s in pool.values():
                 part = s.parts[party_id]
                 if party_id not in s.delivered and part is not None:
                     s.delivered.add(party_id)
@@ -220,7 +234,7 @@ class DealerCore:
             b = self._sessions.get(session_id)
             if b is None:
                 pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
-                ready = next((s for s in pool.values() if len(s.delivered) == m.n_parties), None)
+                ready = next((s for s in pool.values() if len(s.confirmed) == m.n_parties), None)
                 if ready is not None:
                     del pool[ready.set_id]
                     b = self._sessions[session_id] = _Binding(ready, set(), time.monotonic())
@@ -229,7 +243,7 @@ class DealerCore:
         if b is None:
             b = self._bind_fresh(m, deployment_id, session_id, batch, purpose)
         with self._lock:
-            if party_id not in b.set.delivered:
+            if party_id not in b.set.confirmed:
                 return ""  # bound to a set this party fetches
             if party_id in b.served:
                 raise ProtocolError(f"session {session_id} was already bound for party {party_id}")

@@ -57,12 +57,14 @@ class MaterialCache:
     def __init__(
         self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
         rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 90.0, idle_s: float = 600.0,
+        prefetch_timeout_s: float = 120.0,
         log: Logger | None = None,
     ) -> None:
         self.party_id = party_id
         self._dealer = dealer
         self._prepare = prepare
         self._timeout = rpc_timeout_s
+        self._prefetch_timeout = max(rpc_timeout_s, prefetch_timeout_s)
         self._max_bytes = max_bytes
         self.depth = depth
         self.ttl_s = ttl_s
@@ -132,11 +134,14 @@ class MaterialCache:
                     self._cond.wait(timeout=0.5)
                     continue
                 self._entries[key].inflight = True
+                held = list(self._entries[key].sets)
             got = None
             try:
                 req = dealer_pb2.PrefetchRequest(deployment_id=key[0], party_id=self.party_id, batch=key[1],
-                                                 purpose=key[2])
-                got = read_chunks(self._dealer.Prefetch(req, timeout=self._timeout), max_bytes=self._max_bytes)
+                                                 purpose=key[2], held=held)
+                # background transfer of possibly large sets: the generous request timeout
+                got = read_chunks(self._dealer.Prefetch(req, timeout=self._prefetch_timeout),
+                                  max_bytes=self._max_bytes)
                 if got is not None:
                     bundle = bundle_from_bytes(got[1], party_id=self.party_id)
                     self._prepare(key, bundle)

@@ -2,7 +2,7 @@ from secureinfer.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -103,16 +103,18 @@ class StatsResponse(_message.Message):
     def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("deployment_id", "party_id", "batch", "purpose")
+    __slots__ = ("deployment_id", "party_id", "batch", "purpose", "held")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     party_id: int
     batch: int
     purpose: str
-    def __init__(self, deployment_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ...) -> None: ...
+    held: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deployment_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ..., held: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class BindRequest(_message.Message):
     __slots__ = ("deployment_id", "session_id", "party_id", "batch", "purpose")

@@ -70,6 +70,10 @@ def test_prefetch_then_bind_uses_a_set_every_party_holds() -> None:
             got1 = got1 or core.prefetch("d", party_id=1, batch=1, purpose="logits")
             time.sleep(0.02)
         assert got0 is not None and got1 is not None and got0[0] == got1[0]
+        # handed out is not yet held: nothing is bound to it until both parties confirm
+        assert core.bind("d", "s-early", party_id=0, batch=1, purpose="logits") == ""
+        core.prefetch("d", party_id=0, batch=1, purpose="logits", held=[got0[0]])
+        core.prefetch("d", party_id=1, batch=1, purpose="logits", held=[got1[0]])
         assert core.bind("d", "s2", party_id=1, batch=1, purpose="logits") == got0[0]
         assert core.bind("d", "s2", party_id=0, batch=1, purpose="logits") == got0[0]
         with pytest.raises(ProtocolError):
@@ -161,6 +165,7 @@ def test_bind_after_a_fetch_decision_never_switches_sets() -> None:
     core._pools[("d", 1, "logits")] = __import__("collections").OrderedDict()
     ready = core._generate(core._models["d"], 1, "logits")
     ready.delivered.update({0, 1})
+    ready.confirmed.update({0, 1})
     core._pools[("d", 1, "logits")][ready.set_id] = ready
     assert core.bind("d", "s", party_id=1, batch=1, purpose="logits") == ""
     id0, _ = core.fetch("d", "s", party_id=0, batch=1, purpose="logits")
