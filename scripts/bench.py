@@ -53,6 +53,7 @@ from torch import nn
 
 # Make ``secureinfer`` importable when run as ``python scripts/bench.py`` from a checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from secureinfer.client.sdk import Client, deploy  # noqa: E402
 from secureinfer.localcluster import LocalCluster  # noqa: E402
@@ -303,6 +304,8 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default="mlp1,mlp100,lenet1,lenet32,resnet1", help=f"comma-separated, from {sorted(CASES)}")
+    ap.add_argument("--he", default="", metavar="BATCHES",
+                    help="also run the CKKS case (scripts/bench_he.py) at these batch sizes, e.g. 1,64,4096")
     ap.add_argument("--repeat", type=int, default=None, help="measured requests per mode (default: per case)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     ap.add_argument("--pool-size", type=int, default=4, help="dealer pool size (sets generated ahead)")
@@ -355,6 +358,15 @@ def main(argv: list[str] | None = None) -> int:
                 with args.out.open("a") as fh:
                     fh.write(line + "\n")
         log(f"dealer counters: {stats.counters()}")
+        if args.he:
+            from bench_he import run_he_bench
+
+            for res in run_he_bench([int(b) for b in args.he.split(",") if b]):
+                line = json.dumps({"case": f"he{res.get('batch', '')}", **res})
+                print(line, flush=True)
+                if args.out:
+                    with args.out.open("a") as fh:
+                        fh.write(line + "\n")
     except Exception as exc:
         rc = 1
         log(f"FAILED: {exc!r}")
