@@ -190,7 +190,8 @@ class DealerCore:
         return _Set(uuid.uuid4().hex, parts, time.monotonic())
 
     def prefetch(
-        self, deployment_id: str, *, party_id: int, batch: int, purpose: str, held: Sequence[str] = ()
+        self, deployment_id: str, *, party_id: int, batch: int, purpose: str, held: Sequence[str] = (),
+        confirm_only: bool = False,
     ) -> tuple[str, bytes] | None:
         """Record which pooled sets this party holds; hand it the oldest one it lacks, or None.
 
@@ -209,6 +210,8 @@ class DealerCore:
                 s = pool.get(sid)
                 if s is not None and party_id in s.delivered:
                     s.confirmed.add(party_id)
+            if confirm_only:
+                return None
             for s in pool.values():
                 part = s.parts[party_id]
                 if party_id not in s.delivered and part is not None:

@@ -100,7 +100,8 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
         def run() -> list[dealer_pb2.MaterialChunk]:
             self._party(ctx, req.party_id)
             got = self.s.core.prefetch(req.deployment_id, party_id=req.party_id, batch=req.batch,
-                                       purpose=req.purpose or "logits", held=list(req.held))
+                                       purpose=req.purpose or "logits", held=list(req.held),
+                                       confirm_only=req.confirm_only)
             return [] if got is None else self._chunks(*got)
 
         yield from self._guard(ctx, "prefetch", run)

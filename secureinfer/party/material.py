@@ -162,7 +162,16 @@ class MaterialCache:
                     e.inflight = False
                     if got is not None:
                         e.sets[got[0]] = (bundle, time.monotonic())
+                held = list(e.sets) if e is not None and got is not None else []
                 self._cond.notify_all()
+            if held:  # tell the dealer at once, so the set can be bound
+                confirm = dealer_pb2.PrefetchRequest(deployment_id=key[0], party_id=self.party_id, batch=key[1],
+                                                     purpose=key[2], held=held, confirm_only=True)
+                try:
+                    for _ in self._dealer.Prefetch(confirm, timeout=self._timeout):
+                        pass  # a confirmation streams no chunks
+                except grpc.RpcError:
+                    pass  # the next prefetch call confirms them
             if got is None:
                 self._stop.wait(0.05)  # the dealer's pool is empty: let it refill
 
