@@ -480,9 +480,11 @@ class GrpcTransport(Transport):
                     raise f.exception() from None  # type: ignore[misc]
             raise
         for f in futures:
-            exc = f.exception()  # every send ends within its deadline
-            if exc is not None:
-                raise exc
+            if f.done() and f.exception() is not None:
+                raise f.exception()  # type: ignore[misc]
+        # A send still in flight is not waited for: every peer's reply has arrived, so the
+        # round is complete for this party; if that send fails later, on_done aborts the
+        # session, which fails the next receive (or the peer times out and aborts).
         return got
 
     # ------------------------------------------------------------------ incoming
