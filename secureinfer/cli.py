@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_cmd_dp_budget)
 
     sp = sub.add_parser("demo", help="run a local demo cluster end to end")
-    sp.add_argument("--workdir", default=".demo")
+    sp.add_argument("--workdir", default=".demo-run",
+                    help="scratch directory, recreated on every run (default: .demo-run)")
     sp.add_argument("--samples", type=int, default=0, help="test samples to run (0 = whole test split)")
     sp.add_argument("--dp", action="store_true", help="also release DP-noised logits and print epsilon spent")
     sp.set_defaults(func=_cmd_demo)

@@ -79,7 +79,11 @@ def run_demo(*, workdir: Path, samples: int = 0, batch: int = 32, dp: bool = Fal
     from secureinfer.localcluster import LocalCluster
 
     if workdir.exists():
-        shutil.rmtree(workdir)
+        if any(workdir.iterdir()) and not (workdir / "cluster.toml").exists():
+            from secureinfer.errors import ConfigError
+
+            raise ConfigError(f"{workdir} is not empty and is not a demo directory; choose another --workdir")
+        shutil.rmtree(workdir)  # a previous demo run: throw-away certificates and shares
     print(f"[1/5] certificates and topology in {workdir}", flush=True)
     cluster = LocalCluster(workdir)
     print("[2/5] starting dealer + 2 parties (mTLS gRPC on loopback)", flush=True)
