@@ -136,6 +136,12 @@ def load_model_file(path: Path, *, frac_bits: int = 16, input_shape: Sequence[in
         if len(user) != 1:
             raise InvalidArgumentError(f"{path}: the exported program takes {len(user)} inputs; exactly one is supported")
         val = next(n for n in ep.graph.nodes if n.name == user[0]).meta["val"]
+        if input_shape is None and all(isinstance(d, int) for d in val.shape):
+            # captured with static shapes (e.g. batch 1): import the program as it is,
+            # re-tracing would trip its own batch-size guard
+            from secureinfer.graph.torch_import import from_exported
+
+            return from_exported(ep, frac_bits=frac_bits, strict=strict)
         shape = tuple(input_shape) if input_shape is not None else tuple(int(d) for d in val.shape[1:])
         return from_torch(ep.module(), (1, *shape), frac_bits=frac_bits, strict=strict)
     if kind == "onnx":
