@@ -39,7 +39,7 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
+        perm = torch.randperm(len(x), generator=g)  # shuffles training data (not secret)
         for i in range(0, len(x), 64):
             idx = perm[i : i + 64]
             opt.zero_grad()

@@ -176,7 +176,7 @@ def train_digits_he(*, kind: str = "cnn", epochs: int = 15, seed: int = 0,
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()
     for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)
+        perm = torch.randperm(len(xt), generator=g)  # training data order (not secret)
         for i in range(0, len(xt), 32):
             idx = perm[i:i + 32]
             opt.zero_grad()

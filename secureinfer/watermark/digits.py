@@ -142,7 +142,7 @@ def train(
     g = torch.Generator().manual_seed(seed)  # not secret: batch order
     model.train()
     for _ in range(epochs):
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+        for idx in torch.randperm(len(y), generator=g).split(batch_size):  # data order (not secret)
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()

@@ -135,7 +135,7 @@ def embed_watermark(
                 f"{min_margin:.3g} is below the fixed-point bound {required:.3g}"
             )
         model.train()
-        for idx in torch.randperm(len(y), generator=g).split(batch_size):
+        for idx in torch.randperm(len(y), generator=g).split(batch_size):  # data order (not secret)
             opt.zero_grad()
             task = F.cross_entropy(model(x[idx]), y[idx])
             hinge = F.relu(1.1 * margin - projected_margins(param, matrix, s)).mean() / margin
