@@ -171,6 +171,17 @@ class Builder:
         return self.emit("reshape", [x], {"shape": list(out[1:])}, name=name, origin=origin, expect=out)
 
     # ------------------------------------------------------------------ result
+    def check_engine_ops(self) -> None:
+        """Record every emitted node whose IR op the secure engine cannot run (with advice)."""
+        from secureinfer.graph.validate import _engine_ops, suggestion
+
+        ops = _engine_ops()
+        for n in self.nodes:
+            if n.op not in ops:
+                hint = suggestion(n.op)
+                self.problem(f"{self.origin.get(n.name, n.name)}: IR op {n.op!r} is not supported by the "
+                             "secure engine yet" + (f" -> {hint}" if hint else ""))
+
     def finish(self, outputs: Sequence[str], *, what: str = "model") -> Graph:
         """The graph, or one UnsupportedModelError listing every recorded problem."""
         if not outputs:

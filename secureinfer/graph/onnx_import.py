@@ -219,14 +219,7 @@ class _Importer(OnnxOps):
         if len(outs) > 1:
             self.b.problem(f"the model has {len(outs)} outputs; only one is supported")
         if strict:
-            from secureinfer.graph.validate import _engine_ops
-
-            ops = _engine_ops()
-            for n in self.b.nodes:
-                if n.op not in ops:
-                    hint = suggestion(n.op)
-                    self.b.problem(f"{self.b.origin.get(n.name, n.name)}: IR op {n.op!r} is not supported by the "
-                                   "secure engine yet" + (f" -> {hint}" if hint else ""))
+            self.b.check_engine_ops()
         return self.b, outs[:1], dict(self.b.origin)
 
     def fold(self, node: Any) -> None:

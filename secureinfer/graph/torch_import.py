@@ -191,14 +191,7 @@ class _Importer(AtenOps):
         if len(values) > 1:
             self.b.problem(f"the model returns {len(values)} tensors; only one output is supported")
         if strict:
-            from secureinfer.graph.validate import _engine_ops
-
-            ops = _engine_ops()
-            for n in self.b.nodes:
-                if n.op not in ops:
-                    hint = suggestion(n.op)
-                    self.b.problem(f"{self.b.origin.get(n.name, n.name)}: IR op {n.op!r} is not supported by the "
-                                   f"secure engine yet" + (f" -> {hint}" if hint else ""))
+            self.b.check_engine_ops()
         return self.b, values[:1], dict(self.b.origin)
 
     def call(self, node: fx.Node) -> None:

@@ -112,14 +112,20 @@ def channel_credentials(cert_path: PathLike, key_path: PathLike, ca_path: PathLi
     )
 
 
-def channel_options(settings: ClusterSettings) -> list[tuple[str, Any]]:
-    """Channel arguments for every client channel of the cluster."""
+def _common_options(settings: ClusterSettings) -> list[tuple[str, Any]]:
+    """Message limits and keepalive, identical on both ends of every channel."""
     return [
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
         ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
         ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def channel_options(settings: ClusterSettings) -> list[tuple[str, Any]]:
+    """Channel arguments for every client channel of the cluster."""
+    return _common_options(settings) + [
         ("grpc.http2.max_pings_without_data", 0),
         # fast reconnects to a restarted peer; NOT grpc.min_reconnect_backoff_ms, which
         # gRPC also uses as the connect timeout (100 ms made TLS handshakes under load fail)
@@ -131,12 +137,7 @@ def channel_options(settings: ClusterSettings) -> list[tuple[str, Any]]:
 
 def server_options(settings: ClusterSettings) -> list[tuple[str, Any]]:
     """Server arguments matching :func:`channel_options` (accepts its keepalive pings)."""
-    return [
-        ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
-        ("grpc.keepalive_time_ms", _KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", _KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
+    return _common_options(settings) + [
         ("grpc.http2.min_recv_ping_interval_without_data_ms", _KEEPALIVE_TIME_MS // 2),
         ("grpc.http2.max_ping_strikes", 0),
         ("grpc.so_reuseport", 0),
