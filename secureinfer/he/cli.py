@@ -100,16 +100,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="secureinfer")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except SecureInferError as exc:
-        print(f"secureinfer: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    """Standalone entry point (``python -m ...``): the full ``secureinfer`` command line."""
+    from secureinfer.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ unreadable inputs); the verdict and every reason go to stdout.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import argparse
 import json
 import sys
@@ -242,12 +244,11 @@ def register_cli(subparsers: Any) -> dict[str, argparse.ArgumentParser]:
     return made
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry point: ``python -m secureinfer.watermark.cli …``."""
-    parser = argparse.ArgumentParser(prog="secureinfer", description=__doc__.split("\n", 1)[0])
-    register_cli(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (``python -m ...``): the full ``secureinfer`` command line."""
+    from secureinfer.cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
