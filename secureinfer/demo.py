@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from secureinfer.zoo import fit_classifier
+
 __all__ = ["train_digits_mlp", "run_demo"]
 
 
@@ -33,27 +35,13 @@ def load_digits_split(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return tuple(train_test_split(x, d.target, test_size=0.3, random_state=seed, stratify=d.target))  # type: ignore[return-value]
 
 
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int) -> nn.Module:
-    """Adam on cross-entropy, minibatches of 64; the generator only shuffles data (not secret)."""
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)  # shuffles training data (not secret)
-        for i in range(0, len(x), 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
-
-
 def train_digits_mlp(x_train: np.ndarray, y_train: np.ndarray, *, hidden: int = 64, epochs: int = 60,
                      seed: int = 0) -> nn.Sequential:
     """A small MLP 64-hidden-hidden-10 on the flattened 8x8 digits."""
     torch.manual_seed(seed)  # initial weights of the demo model (not secret)
     model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
-    return _fit(model, torch.from_numpy(x_train), torch.from_numpy(y_train).long(), epochs=epochs, lr=1e-2, seed=seed)
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
+    return fit_classifier(model, x, y, epochs=epochs, lr=1e-2, seed=seed)
 
 
 def train_digits_cnn(x_train: np.ndarray, y_train: np.ndarray, *, epochs: int = 15, seed: int = 0) -> nn.Module:
@@ -61,7 +49,8 @@ def train_digits_cnn(x_train: np.ndarray, y_train: np.ndarray, *, epochs: int = 
     from secureinfer.zoo import digits_cnn
 
     x = torch.from_numpy(x_train).reshape(-1, 1, 8, 8)
-    return _fit(digits_cnn(seed=seed), x, torch.from_numpy(y_train).long(), epochs=epochs, lr=5e-3, seed=seed)
+    return fit_classifier(digits_cnn(seed=seed), x, torch.from_numpy(y_train).long(), epochs=epochs, lr=5e-3,
+                          seed=seed)
 
 
 def _secure_eval(client, name: str, x: np.ndarray, batch: int, desc: str) -> tuple[np.ndarray, list]:

@@ -13,7 +13,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "digits_cnn", "lenet", "small_resnet"]
+__all__ = ["BasicBlock", "digits_cnn", "fit_classifier", "lenet", "small_resnet"]
+
+
+def fit_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float, seed: int,
+                   batch_size: int = 64) -> nn.Module:
+    """Adam on cross-entropy over shuffled minibatches; returns the model in eval mode.
+
+    The generator only orders the training data (not secret).
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)  # training data order (not secret)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i : i + batch_size]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    return model.eval()
 
 
 def digits_cnn(*, seed: int = 0) -> nn.Sequential:

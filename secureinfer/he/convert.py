@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from secureinfer.he.model import HEModel, calibrate, forward, gelu_poly, relu_poly
+from secureinfer.zoo import fit_classifier
 
 __all__ = ["Poly", "Square", "activation_bounds", "conversion_report", "digits_split", "from_torch", "train_digits_he"]
 
@@ -163,8 +164,7 @@ def train_digits_he(*, kind: str = "cnn", epochs: int = 15, seed: int = 0,
     ``output_bound`` is calibrated on the training split.
     """
     x_tr, x_te, y_tr, y_te = digits_split(seed)
-    torch.manual_seed(seed)  # initialisation / shuffling of training only (not secret)
-    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # initial weights of the demo HE model (not secret)
     if kind == "cnn":
         net = nn.Sequential(nn.Conv2d(1, 4, 3), Square(), nn.Flatten(), nn.Linear(144, 32), Square(),
                             nn.Linear(32, 10))
@@ -173,15 +173,8 @@ def train_digits_he(*, kind: str = "cnn", epochs: int = 15, seed: int = 0,
     else:
         raise ValueError(f"kind must be 'cnn' or 'mlp', got {kind!r}")
     net = net.double()
-    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x_tr), torch.from_numpy(y_tr).long()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=g)  # training data order (not secret)
-        for i in range(0, len(xt), 32):
-            idx = perm[i:i + 32]
-            opt.zero_grad()
-            nn.functional.cross_entropy(net(xt[idx]), yt[idx]).backward()
-            opt.step()
+    fit_classifier(net, torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(), epochs=epochs, lr=3e-3, seed=seed,
+                   batch_size=32)
     model = from_torch(net.eval(), (1, 8, 8), name=f"digits-{kind}")
     calibrate(model, x_tr)
     return model, x_tr, x_te, y_tr, y_te
