@@ -367,7 +367,7 @@ def dcf_eval(key: DcfKey, x: np.ndarray) -> np.ndarray:
     if not isinstance(key, DcfKey):
         raise InvalidArgumentError(f"key must be a DcfKey, got {type(key).__name__}")
     x = _as_u64(x, "x")
-    n, N, k = key.n_bits, key.num, key.k
+    N, k = key.num, key.k
     if x.shape != (N,):
         raise ShapeError(f"x must have shape ({N},) to match the key, got {x.shape}")
     # Instance-minor views (no copies for keys from dcf_gen / from_bytes).

@@ -23,7 +23,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from secureinfer.config import ROLE_OWNER, ROLE_PARTY, Topology
 from secureinfer.dealer.core import DealerCore
-from secureinfer.dealer.wire import bundle_to_bytes
 from secureinfer.errors import PermissionDeniedError, SecureInferError
 from secureinfer.log import Logger
 from secureinfer.prg import fresh_seed

@@ -12,7 +12,6 @@ import json
 import sys
 from collections.abc import Sequence
 
-from secureinfer.errors import SecureInferError
 
 __all__ = ["main", "register_cli"]
 

@@ -20,7 +20,6 @@ import signal
 from pathlib import Path
 import threading
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from secureinfer.config import ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, ROLE_PARTY, Topology
+from secureinfer.config import ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, Topology
 from secureinfer.dealer.material import PartyBundle
 from secureinfer.dealer.wire import bundle_from_bytes
 from secureinfer.engine.plan import Plan, compile_plan
@@ -53,6 +52,7 @@ from secureinfer.transport import tls
 from secureinfer.transport.codec import share_from_proto, tensor_to_proto
 from secureinfer.transport.grpc import GrpcTransport
 from secureinfer.v1 import common_pb2, dealer_pb2, dealer_pb2_grpc, party_pb2, party_pb2_grpc
+from secureinfer.watermark.mpc import AUDIT_PREFIX
 
 __all__ = ["PartyServer", "serve"]
 
@@ -216,7 +216,7 @@ class PartyServer:
         """This session's dealer material: a prefetched set if the dealer binds one, else fetched."""
         dep = lm.record.deployment_id
         key = (dep, batch, purpose)
-        if not purpose.startswith("audit:"):  # one-off audits are never prefetched
+        if not purpose.startswith(AUDIT_PREFIX):  # one-off audits are never prefetched
             self.cache.want(key)
         bind = dealer_pb2.BindRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
                                       batch=batch, purpose=purpose)
@@ -601,6 +601,3 @@ def serve(topology: Topology, party_id: int) -> None:
     done.wait()
     server.stop()
 
-
-# keep names used only for typing from being flagged as unused
-_ = (np, uuid, ROLE_PARTY)
