@@ -18,6 +18,7 @@ Schema (``parties/README.md`` has the same with examples)::
     max_message_bytes = 67108864    # gRPC send/receive limit on both ends, < 2^31
     chunk_bytes = 4194304           # payloads above this are chunked, < max_message_bytes
     tls = true                      # false = plaintext gRPC, for debugging only
+    audits_per_hour = 30            # watermark audits one auditor may run per model per hour, >= 1
 
     [dealer]                        # required
     address = "127.0.0.1:50050"     # host:port, IPv6 as [::1]:50050
@@ -110,6 +111,7 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "SECUREINFER_MAX_MESSAGE_BYTES": ("cluster", "max_message_bytes"),
     "SECUREINFER_CHUNK_BYTES": ("cluster", "chunk_bytes"),
     "SECUREINFER_TLS": ("cluster", "tls"),
+    "SECUREINFER_AUDITS_PER_HOUR": ("cluster", "audits_per_hour"),
     "SECUREINFER_DEALER_ADDRESS": ("dealer", "address"),
     "SECUREINFER_DEALER_POOL_SIZE": ("dealer", "pool_size"),
     "SECUREINFER_HE_ADDRESS": ("he", "address"),
@@ -149,6 +151,7 @@ class ClusterSettings:
     max_message_bytes: int
     chunk_bytes: int
     tls: bool
+    audits_per_hour: int = 30
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,7 @@ _CLUSTER_SPEC: dict[str, tuple[str, object]] = {
     "max_message_bytes": ("int", 64 * 1024 * 1024),
     "chunk_bytes": ("int", 4 * 1024 * 1024),
     "tls": ("bool", True),
+    "audits_per_hour": ("int", 30),
 }
 _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "address": ("address", _REQ),
@@ -526,6 +530,8 @@ def _validate(
         problems.append(f"cluster.chunk_bytes must be positive, got {chunk}")
     elif chunk is not None and mmb is not None and chunk >= mmb:
         problems.append(f"cluster.chunk_bytes ({chunk}) must be smaller than cluster.max_message_bytes ({mmb})")
+    if c["audits_per_hour"] is not None and not 1 <= c["audits_per_hour"] <= 1_000_000:
+        problems.append(f"cluster.audits_per_hour must be in 1..1000000, got {c['audits_per_hour']}")
     cluster_table = doc.get("cluster", {})
     if tls and isinstance(cluster_table, Mapping) and "ca_cert" not in cluster_table:
         problems.append("[cluster]: missing 'ca_cert' (required when tls = true)")

@@ -15,7 +15,8 @@ place and in both directions.
     ├── AlreadyExistsError          a deploy that would silently replace a model
     ├── PermissionDeniedError       valid certificate, wrong role
     ├── UnauthenticatedError        no or invalid certificate
-    ├── BudgetExhaustedError        a DP request that would exceed the client's budget
+    ├── ResourceExhaustedError      a limit was reached (rate, size, concurrency)
+    │   └── BudgetExhaustedError    a DP request that would exceed the client's budget
     ├── IntegrityError              a tampered ciphertext, signature or certificate
     ├── ProtocolError               peers disagree or a message is malformed
     └── TransportError              a peer cannot be reached
@@ -26,6 +27,7 @@ place and in both directions.
 from __future__ import annotations
 
 __all__ = [
+    "ERROR_CLASS_KEY",
     "AlreadyExistsError",
     "BudgetExhaustedError",
     "ConfigError",
@@ -37,6 +39,7 @@ __all__ = [
     "PermissionDeniedError",
     "ProtocolError",
     "RangeError",
+    "ResourceExhaustedError",
     "SecureInferError",
     "ShapeError",
     "TransportError",
@@ -109,7 +112,13 @@ class UnauthenticatedError(SecureInferError):
     grpc_code = "UNAUTHENTICATED"
 
 
-class BudgetExhaustedError(SecureInferError):
+class ResourceExhaustedError(SecureInferError):
+    """A limit was reached: a rate limit, a size cap, too many concurrent requests."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class BudgetExhaustedError(ResourceExhaustedError):
     """A differentially private request would exceed the client's privacy budget."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
@@ -151,7 +160,7 @@ _BY_CODE: dict[str, type[SecureInferError]] = {
     "ALREADY_EXISTS": AlreadyExistsError,
     "PERMISSION_DENIED": PermissionDeniedError,
     "UNAUTHENTICATED": UnauthenticatedError,
-    "RESOURCE_EXHAUSTED": BudgetExhaustedError,
+    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "DATA_LOSS": IntegrityError,
     "UNAVAILABLE": PeerUnavailableError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
@@ -159,7 +168,26 @@ _BY_CODE: dict[str, type[SecureInferError]] = {
 }
 
 
-def error_from_status(code_name: str, message: str) -> SecureInferError:
-    """Map a gRPC status code name (e.g. ``"UNAVAILABLE"``) back to an exception."""
+#: trailing-metadata key under which a server names the exception class it raised, so the
+#: client can rebuild the same class where one status code covers several (a DP budget
+#: versus a rate limit are both RESOURCE_EXHAUSTED)
+ERROR_CLASS_KEY = "secureinfer-error-class"
+
+
+def error_from_status(code_name: str, message: str, *, class_name: str | None = None) -> SecureInferError:
+    """Map a gRPC status code name (e.g. ``"UNAVAILABLE"``) back to an exception.
+
+    ``class_name`` (the server's :data:`ERROR_CLASS_KEY`) selects a subclass of this
+    module when it maps to the same status code; anything else falls back to the code.
+    """
+    named = _BY_NAME.get(class_name or "")
+    if named is not None and named.grpc_code == code_name:
+        return named(message)
     cls = _BY_CODE.get(code_name, SecureInferError)
     return cls(message)
+
+
+_BY_NAME: dict[str, type[SecureInferError]] = {
+    c.__name__: c for c in list(globals().values())
+    if isinstance(c, type) and issubclass(c, SecureInferError) and c.__module__ == __name__
+}

@@ -40,7 +40,7 @@ from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate
 from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError
 from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed
-from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose, torch_layout
+from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose
 
 __all__ = ["DealerCore", "PURPOSES"]
 
@@ -183,9 +183,8 @@ class DealerCore:
         node = next((n for n in m.graph.nodes if n.attrs.get("weight") == layer), None)
         if node is None or f"{node.name}/weight" not in m.raw_masks:
             raise InvalidArgumentError(f"the deployment has no weight parameter {layer!r}")
-        mask_flat = torch_layout(node.op, m.raw_masks[f"{node.name}/weight"]).reshape(-1, 1)
         b = BundleBuilder(m.n_parties)
-        audit_material(b, mask_flat=mask_flat, bits=bits)
+        audit_material(b, bits=bits)
         parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
         return _Set(uuid.uuid4().hex, parts, time.monotonic())
 

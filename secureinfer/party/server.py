@@ -45,6 +45,7 @@ from secureinfer.graph.ir import Graph
 from secureinfer.log import Logger
 from secureinfer.dp.ledger import BudgetLedger
 from secureinfer.party.dp import DpPolicy
+from secureinfer.party.limits import RateLimiter
 from secureinfer.party.material import MaterialCache, read_chunks
 from secureinfer.party.store import ModelRecord, ModelStore, check_name
 from secureinfer.protocols.session import Session
@@ -98,6 +99,7 @@ class PartyServer:
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._by_deployment: dict[str, LoadedModel] = {}
+        self._audits = RateLimiter(limit=self.settings.audits_per_hour, window_s=3600.0, what="watermark audits")
         self._dealer_channel = tls.open_channel(
             topology.dealer.address, settings=self.settings, cert=self.me.cert, key=self.me.key
         )
@@ -360,9 +362,14 @@ class PartyServer:
         )
 
     def audit(self, req: party_pb2.AuditRequest, *, auditor: str) -> party_pb2.AuditResponse:
-        """Watermark audit inside the MPC (see :mod:`secureinfer.watermark.mpc`)."""
+        """Watermark audit inside the MPC (see :mod:`secureinfer.watermark.mpc`).
+
+        The auditor's certificate and key are verified here, and the projection, bits and
+        threshold derived from them: nothing the auditor sends enters the computation as
+        a number. Rate-limited per (auditor, deployment); logged without key material.
+        """
+        from secureinfer.watermark.mpc import check_audit_request, run_audit, torch_layout
         from secureinfer.watermark.mpc import purpose as audit_purpose
-        from secureinfer.watermark.mpc import run_audit, torch_layout
 
         lm = self.model(req.model_name, req.model_version)
         if not _RID_RE.match(req.request_id):
@@ -371,39 +378,33 @@ class PartyServer:
         fixed = lm.model.fixed.get(node.name, {}).get("weight") if node is not None else None
         if node is None or fixed is None:
             raise InvalidArgumentError(f"model {lm.record.name!r} has no weight parameter {req.layer!r}")
-        public_flat = torch_layout(node.op, fixed.raw_public).reshape(-1, 1)
-        local_flat = torch_layout(node.op, fixed.raw_local).reshape(-1, 1)
-        d = public_flat.shape[0]
-        proj = share_from_proto(req.projection, max_elements=1 << 26)
-        bits = share_from_proto(req.bits, max_elements=4096)
-        t = bits.shape[0] if bits.dim() == 1 else -1
-        if t < 1 or tuple(proj.shape) != (t, d):
-            raise ShapeError(f"audit of {req.layer!r} needs a projection of shape (bits, {d}) and bits of shape "
-                             f"(bits,), got {tuple(proj.shape)} and {tuple(bits.shape)}")
-        if not 0 <= req.threshold < t:
-            raise InvalidArgumentError(f"threshold {req.threshold} outside [0, {t})")
+        q_share = torch_layout(node.op, fixed.raw_local)
+        spec = check_audit_request(certificate=req.certificate, seed=req.watermark_seed, nonce=req.watermark_nonce,
+                                   layer=req.layer, layer_shape=tuple(q_share.shape))
+        self._audits.admit((auditor, lm.record.deployment_id), who=f"party {self.party_id}: auditor {auditor!r}")
         sid = f"audit/{lm.record.deployment_id}/{req.request_id}"
         session = Session(party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
                           timeout=self.settings.rpc_timeout_s,
                           deadline=time.monotonic() + self.settings.request_timeout_s)
         try:
-            bundle = self.material(lm, sid, 1, audit_purpose(req.layer, t))
-            verdict, distance = run_audit(session, bundle, projection=proj, bits=bits, public_flat=public_flat,
-                                          local_flat=local_flat, threshold=int(req.threshold))
+            bundle = self.material(lm, sid, 1, audit_purpose(req.layer, spec.bits))
+            verdict, released = run_audit(session, bundle, spec=spec, q_share=q_share,
+                                          reveal_distance=req.reveal_distance)
         except BaseException as exc:
             self.transport.abort(sid, f"party {self.party_id}: {exc}")
             raise
         finally:
             self.transport.close_session(sid)
         self.log.info("audit", auditor=auditor, model=lm.record.name, version=lm.record.version, layer=req.layer,
-                      bits=t, request=req.request_id, reveal_distance=req.reveal_distance)
+                      bits=spec.bits, threshold=spec.threshold, request=req.request_id,
+                      reveal_distance=req.reveal_distance)
         resp = party_pb2.AuditResponse(
             party_id=self.party_id,
             verdict=tensor_to_proto(verdict, encoding=common_pb2.ENCODING_ADDITIVE_SHARE),
             cost=common_pb2.Cost(rounds=session.costs.rounds, bytes_sent_online=session.costs.bytes_sent),
         )
-        if req.reveal_distance:
-            resp.distance.CopyFrom(tensor_to_proto(distance, encoding=common_pb2.ENCODING_ADDITIVE_SHARE))
+        if released is not None:
+            resp.distance.CopyFrom(tensor_to_proto(released, encoding=common_pb2.ENCODING_ADDITIVE_SHARE))
         return resp
 
     def remove(self, name: str, version: str) -> None:

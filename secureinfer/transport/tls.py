@@ -36,6 +36,7 @@ import grpc.aio
 from secureinfer.certs import load_identity_role
 from secureinfer.config import ALL_ROLES, ROLE_PARTY, ClusterSettings
 from secureinfer.errors import (
+    ERROR_CLASS_KEY,
     ConfigError,
     PermissionDeniedError,
     SecureInferError,
@@ -248,13 +249,15 @@ def require_role(
 
 
 def abort_with(context: grpc.ServicerContext, exc: SecureInferError) -> NoReturn:
-    """End the call with ``exc``'s status code and message (sync servers)."""
+    """End the call with ``exc``'s status code, message and class name (sync servers)."""
+    context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))
     context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
     raise exc  # context.abort always raises; this line only satisfies NoReturn
 
 
 async def abort_with_async(context: grpc.aio.ServicerContext, exc: SecureInferError) -> NoReturn:  # type: ignore[type-arg]
-    """End the call with ``exc``'s status code and message (``grpc.aio`` servers)."""
+    """End the call with ``exc``'s status code, message and class name (``grpc.aio`` servers)."""
+    context.set_trailing_metadata(((ERROR_CLASS_KEY, type(exc).__name__),))
     await context.abort(grpc.StatusCode[exc.grpc_code], str(exc))
     raise exc
 
@@ -265,4 +268,16 @@ def error_from_rpc_error(err: grpc.RpcError, *, peer: str | None = None) -> Secu
     details = err.details() if hasattr(err, "details") else str(err)
     name = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
     prefix = f"{peer}: " if peer else ""
-    return error_from_status(name, f"{prefix}{details or name}")
+    return error_from_status(name, f"{prefix}{details or name}", class_name=_error_class(err))
+
+
+def _error_class(err: grpc.RpcError) -> str | None:
+    """The exception class a secureinfer server named in the trailing metadata, if any."""
+    try:
+        trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    except Exception:  # an error raised locally (no call) has no metadata
+        return None
+    for key, value in trailing or ():
+        if key == ERROR_CLASS_KEY and isinstance(value, str):
+            return value
+    return None

@@ -171,24 +171,24 @@ class AbortNotice(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., sender: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AuditRequest(_message.Message):
-    __slots__ = ("model_name", "model_version", "request_id", "layer", "projection", "bits", "threshold", "reveal_distance")
+    __slots__ = ("model_name", "model_version", "request_id", "layer", "reveal_distance", "certificate", "watermark_seed", "watermark_nonce")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYER_FIELD_NUMBER: _ClassVar[int]
-    PROJECTION_FIELD_NUMBER: _ClassVar[int]
-    BITS_FIELD_NUMBER: _ClassVar[int]
-    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     REVEAL_DISTANCE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_SEED_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_NONCE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     request_id: str
     layer: str
-    projection: _common_pb2.Tensor
-    bits: _common_pb2.Tensor
-    threshold: int
     reveal_distance: bool
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., projection: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., bits: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., threshold: _Optional[int] = ..., reveal_distance: _Optional[bool] = ...) -> None: ...
+    certificate: bytes
+    watermark_seed: bytes
+    watermark_nonce: bytes
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., layer: _Optional[str] = ..., reveal_distance: _Optional[bool] = ..., certificate: _Optional[bytes] = ..., watermark_seed: _Optional[bytes] = ..., watermark_nonce: _Optional[bytes] = ...) -> None: ...
 
 class AuditResponse(_message.Message):
     __slots__ = ("verdict", "distance", "party_id", "cost")

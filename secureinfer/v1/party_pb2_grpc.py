@@ -287,9 +287,11 @@ class ModelAdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Audit(self, request, context):
-        """Watermark audit of a deployed model inside the MPC (role auditor): the parties
-        compute the keyed projection of their weight shares, the sign bits and the Hamming
-        distance, and return only shares of the verdict (and of the distance if asked).
+        """Watermark audit of a deployed model inside the MPC (role auditor): the auditor
+        reveals a signed certificate and its watermark key; each party verifies them,
+        derives the public projection and bits, computes the sign bits and the Hamming
+        distance on its weight shares, and returns only shares of the verdict (and of
+        verdict * distance if asked). Rate-limited per auditor and model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
