@@ -5,10 +5,13 @@ shares with the CSPRNG, sends one share to each party, collects the output share
 reconstructs them — only the client ever sees the output. ``deploy(module, example, ...)``
 is the owner's side: import the model, encode and share its weights, and send each party
 only its share.
+
+A :class:`Client` may be shared by any number of threads (see its docstring).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,7 +63,13 @@ def _topology(config: str | Path | Topology) -> Topology:
 
 
 class _Cluster:
-    """Channels from one identity to every party (mTLS), shared by SDK calls."""
+    """Channels from one identity to every party (mTLS), shared by SDK calls.
+
+    Thread-safe: gRPC channels are, and :meth:`call_all` gives every call its own
+    threads. (A shared, bounded pool would deadlock concurrent calls: with two workers,
+    two requests can each occupy one worker with their party-0 RPC, and each party 0
+    then waits for a party 1 that never receives its half of the request.)
+    """
 
     def __init__(self, config: str | Path | Topology, identity: str) -> None:
         self.topology = _topology(config)
@@ -71,20 +80,24 @@ class _Cluster:
             tls.open_channel(p.address, settings=st, cert=self.ident.cert, key=self.ident.key)
             for p in self.topology.parties
         ]
-        self.pool = ThreadPoolExecutor(max_workers=max(2, len(self.channels)), thread_name_prefix="si-client")
 
     def call_all(self, fn: Any) -> list[Any]:
-        """Run ``fn(party_id, channel)`` on every party concurrently; raise the clearest error."""
-        futs = [self.pool.submit(fn, i, ch) for i, ch in enumerate(self.channels)]
+        """Run ``fn(party_id, channel)`` on every party concurrently; raise the clearest error.
+
+        Each call runs on threads of its own, so that concurrent calls from several
+        threads never wait for each other's RPCs (see the class docstring).
+        """
         results, errors = [], []
-        for i, f in enumerate(futs):
-            try:
-                results.append(f.result())
-            except grpc.RpcError as err:
-                addr = self.topology.party(i).address
-                errors.append(tls.error_from_rpc_error(err, peer=f"party {i} at {addr}"))
-            except SecureInferError as exc:
-                errors.append(exc)
+        with ThreadPoolExecutor(max_workers=len(self.channels), thread_name_prefix="si-client") as pool:
+            futs = [pool.submit(fn, i, ch) for i, ch in enumerate(self.channels)]
+            for i, f in enumerate(futs):
+                try:
+                    results.append(f.result())
+                except grpc.RpcError as err:
+                    addr = self.topology.party(i).address
+                    errors.append(tls.error_from_rpc_error(err, peer=f"party {i} at {addr}"))
+                except SecureInferError as exc:
+                    errors.append(exc)
         if errors:
             # a dead party's UNAVAILABLE is more telling than its peers' aborts
             errors.sort(key=lambda e: 0 if "unavailable" in str(e).lower() or e.grpc_code == "UNAVAILABLE" else 1)
@@ -94,7 +107,6 @@ class _Cluster:
     def close(self) -> None:
         for ch in self.channels:
             ch.close()
-        self.pool.shutdown(wait=False)
 
 
 class Client:
@@ -102,16 +114,34 @@ class Client:
 
     >>> with Client("parties/local.toml") as c:
     ...     y = c.infer("digits", x)      # numpy logits; c.last_cost has the request's cost
+
+    **Threads.** One client may be shared by any number of threads calling :meth:`infer`
+    and :meth:`metadata` concurrently: the gRPC channels are thread-safe, each call runs
+    its party RPCs on threads of its own, and the CSPRNG that splits inputs into shares
+    (one AES-CTR stream, :class:`~secureinfer.prg.Prg`, which is not thread-safe) is only
+    drawn from under a lock. :attr:`last_cost` and :attr:`last_info` are per thread: each
+    thread sees the cost of the last request *it* made. Call :meth:`close` once, after
+    every thread is done.
     """
 
     def __init__(self, config: str | Path | Topology, *, identity: str = "client", timeout: float | None = None) -> None:
         self._c = _Cluster(config, identity)
         self.topology = self._c.topology
         self.timeout = timeout or self.topology.cluster.request_timeout_s
-        self.last_cost: InferenceCost | None = None
-        #: per-request facts reported by the parties, e.g. ``dp.epsilon_spent`` / ``dp.epsilon_remaining``
-        self.last_info: dict[str, str] = {}
+        self._last = threading.local()  # last_cost / last_info of the calling thread
         self._prg = Prg.from_os()
+        self._prg_lock = threading.Lock()  # the AES-CTR context must never be entered by two threads
+
+    @property
+    def last_cost(self) -> InferenceCost | None:
+        """Cost of the last request the calling thread made with this client (None before)."""
+        return getattr(self._last, "cost", None)
+
+    @property
+    def last_info(self) -> dict[str, str]:
+        """Per-request facts the parties reported for the calling thread's last request,
+        e.g. ``dp.epsilon_spent`` / ``dp.epsilon_remaining`` (empty before)."""
+        return getattr(self._last, "info", {})
 
     def __enter__(self) -> "Client":
         return self
@@ -139,7 +169,8 @@ class Client:
             raise ShapeError(f"input must be a numeric array, got dtype {arr.dtype}")
         f = frac_bits if frac_bits is not None else self.topology.cluster.frac_bits
         enc = ring.encode(arr.to(torch.float64), frac_bits=f)
-        shares = share(enc, self.topology.n_parties, prg=self._prg)
+        with self._prg_lock:
+            shares = share(enc, self.topology.n_parties, prg=self._prg)
         rid = uuid.uuid4().hex
         reqs = [
             party_pb2.InferRequest(
@@ -151,7 +182,7 @@ class Client:
         resps: list[party_pb2.InferResponse] = self._c.call_all(
             lambda i, ch: party_pb2_grpc.InferenceStub(ch).Infer(reqs[i], timeout=self.timeout, metadata=self._c.metadata)
         )
-        self.last_info = dict(resps[0].info)
+        info = dict(resps[0].info)
         out: dict[str, np.ndarray] = {}
         for oname in outputs:
             parts, frac = [], None
@@ -164,7 +195,7 @@ class Client:
             value = reconstruct(parts)
             out[oname] = (value.numpy().astype(np.int64) if oname == "argmax"
                           else ring.decode(value, frac_bits=int(frac or 0)).numpy())
-        self.last_cost = InferenceCost(
+        cost = InferenceCost(
             latency_ms=(time.perf_counter() - t0) * 1e3,
             rounds=max(r.cost.rounds for r in resps),
             bytes_online=sum(r.cost.bytes_sent_online for r in resps),
@@ -173,6 +204,7 @@ class Client:
             bytes_client_down=sum(r.ByteSize() for r in resps),
             party_latency_ms=tuple(r.cost.latency_ms for r in resps),
         )
+        self._last.cost, self._last.info = cost, info
         return out[outputs[0]] if len(outputs) == 1 else out
 
 

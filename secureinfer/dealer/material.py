@@ -57,6 +57,11 @@ class BundleBuilder:
 
     ``seeds`` may be given (deployment masks derived from the dealer's master key);
     otherwise fresh ones are drawn from ``os.urandom``.
+
+    Every item name is generated at most once (:meth:`random`, :meth:`shared` and
+    :meth:`blob` share one namespace; a blob is one item with a part per party): a name
+    used twice would hand two protocol steps the same mask, and opening ``X - A`` and
+    ``Y - A`` reveals ``X - Y``. A repeated name raises :class:`ProtocolError` naming it.
     """
 
     def __init__(self, n_parties: int, *, seeds: Sequence[bytes] | None = None) -> None:
@@ -67,9 +72,25 @@ class BundleBuilder:
         self.tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(n_parties)]
         self.blobs: list[dict[str, bytes]] = [{} for _ in range(n_parties)]
         self.prg = Prg.from_os()  # dealer-private randomness (FSS key seeds)
+        #: every item name generated so far -> what made it ("random", "shared", "blob")
+        self._items: dict[str, str] = {}
+
+    def _claim(self, name: str, kind: str, *, party: int | None = None) -> None:
+        """Record item ``name``; :class:`ProtocolError` if it was generated before.
+
+        A blob may be given once to each party under one name (the two DCF keys of a pair).
+        """
+        prev = self._items.get(name)
+        if prev is not None and not (kind == prev == "blob" and party is not None and name not in self.blobs[party]):
+            raise ProtocolError(
+                f"dealer item {name!r} generated twice ({prev}, then {kind}): two protocol steps would share "
+                "its randomness; step and node names must be unique"
+            )
+        self._items[name] = kind
 
     def random(self, name: str, shape: Shape) -> torch.Tensor:
         """A uniform secret whose every share is seed-expanded; returns the secret."""
+        self._claim(name, "random")
         total = _expand(self.seeds[0], name, shape)
         for s in self.seeds[1:]:
             total += _expand(s, name, shape)
@@ -77,12 +98,17 @@ class BundleBuilder:
 
     def shared(self, name: str, value: torch.Tensor) -> None:
         """Share ``value``: parties 1..n-1 from seeds, party 0 gets the correction."""
+        self._claim(name, "shared")
         corr = value.to(torch.int64).clone()
         for s in self.seeds[1:]:
             corr -= _expand(s, name, corr.shape)
         self.tensors[0][name] = corr
 
     def blob(self, party: int, name: str, data: bytes) -> None:
+        """Give ``party`` the opaque part ``data`` of item ``name`` (e.g. its FSS key)."""
+        if not 0 <= party < self.n_parties:
+            raise ProtocolError(f"dealer item {name!r}: no party {party}")
+        self._claim(name, "blob", party=party)
         self.blobs[party][name] = data
 
     def party_bundle(self, party: int) -> "PartyBundle":

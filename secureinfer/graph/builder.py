@@ -14,14 +14,13 @@ node's output an *opaque* value (known shape, no IR node) and continue, so that 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from secureinfer.errors import ShapeError, UnsupportedModelError
-from secureinfer.graph.ir import Graph, Node, TensorSpec
+from secureinfer.graph.ir import MAX_NAME_LENGTH, RESERVED_NAMES, Graph, Node, TensorSpec, safe_name
 
 __all__ = ["Builder", "ImportProblem", "OPAQUE"]
 
@@ -53,11 +52,17 @@ class Builder:
 
     # ------------------------------------------------------------------ naming
     def unique(self, base: str) -> str:
-        """A node name not used yet, derived from ``base``."""
-        base = re.sub(r"[^A-Za-z0-9_.\-]", "_", base) or "node"
+        """A node name not used yet, derived from ``base``, that obeys the IR's name rule.
+
+        :func:`~secureinfer.graph.ir.safe_name` maps ``"/"`` (ONNX node names) and other
+        characters to ``_`` and steers clear of reserved names; a ``_<k>`` suffix makes
+        it unique (the base is shortened so the result stays within the length limit).
+        """
+        base = safe_name(base)
         name, k = base, 1
-        while name in self._names or f"{name}.weight" in self.params:
-            name = f"{base}_{k}"
+        while name in self._names or name in RESERVED_NAMES or f"{name}.weight" in self.params:
+            suffix = f"_{k}"
+            name = base[: MAX_NAME_LENGTH - len(suffix)] + suffix
             k += 1
         self._names.add(name)
         return name

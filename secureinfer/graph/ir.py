@@ -26,12 +26,31 @@ Ops (attributes). Tensors are batch-first; images NCHW. Parameter attributes
 
 The engine (:mod:`secureinfer.engine.ops`) implements the ops; a graph whose ops it
 cannot run is refused with one error listing every such node.
+
+Names. Node and input names are *value names* (a node's output is referred to by its
+name) and node names are also the namespace of the node's dealer material: the planner
+names a step's items ``"<step>/<field>"`` and inserts steps of its own (``"<node>/pre0"``
+truncations, ``"<node>/pool"``, ``"dp/trunc"``, ``"dp/clip"``, ``"argmax"``; the audit
+uses ``"audit/..."``). Two steps with one name would draw the *same* mask and open
+``X - A`` and ``Y - A``, which reveals ``X - Y``. So every graph obeys
+:data:`NAME_RULE`: node and input names are unique, match :data:`NAME_PATTERN` (which has
+no ``"/"``, the separator of every internal name) and are not one of
+:data:`RESERVED_NAMES` (the internal names and namespaces without a ``"/"``). A user
+name therefore never equals an internal step name nor the namespace (``dp``, ``audit``)
+of the planner's own steps; steps derived from a node (``<node>/pre0``) live inside that
+node's namespace, and :class:`~secureinfer.dealer.material.BundleBuilder` refuses any
+item name generated twice, so a collision is an error, never a shared mask.
+Parameter names match :data:`PARAM_NAME_PATTERN`. :meth:`Graph.name_problems` lists
+every violation; constructing or parsing a graph that has any raises one
+:class:`~secureinfer.errors.InvalidArgumentError` listing them all. Importers produce
+conforming names with :func:`safe_name`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +58,10 @@ import numpy as np
 
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 
-__all__ = ["Graph", "Node", "SUPPORTED_OPS", "TensorSpec"]
+__all__ = [
+    "Graph", "MAX_NAME_LENGTH", "NAME_PATTERN", "NAME_RULE", "Node", "PARAM_NAME_PATTERN", "RESERVED_NAMES",
+    "SUPPORTED_OPS", "TensorSpec", "safe_name",
+]
 
 SUPPORTED_OPS = (
     "linear", "conv2d", "channel_affine", "relu", "leaky_relu", "maxpool2d", "avgpool2d", "global_avgpool",
@@ -47,6 +69,49 @@ SUPPORTED_OPS = (
 )
 _PARAM_ATTRS = ("weight", "bias")
 _FORMAT = "secureinfer.graph/1"
+
+#: longest node, input or parameter name (parameter names may be twice as long: ``"<node>.<attr>"``)
+MAX_NAME_LENGTH = 128
+#: node and input names: a letter, digit or ``_``, then letters, digits, ``_ . -``; never ``"/"``
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_NAME_LENGTH - 1}}}")
+#: parameter names (``"<node>.weight"``, possibly with ``_`` suffixes after folding)
+PARAM_NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{2 * MAX_NAME_LENGTH - 1}}}")
+#: names the planner, the DP release and the audit use for steps or namespaces of their own
+RESERVED_NAMES = frozenset({"argmax", "dp", "audit"})
+NAME_RULE = (f"names must be unique, match {NAME_PATTERN.pattern} (no '/') and not be one of "
+             f"{sorted(RESERVED_NAMES)}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+_MAX_MESSAGE = 4000  # characters of name problems in one error message
+
+
+def safe_name(base: str) -> str:
+    """A name matching :data:`NAME_PATTERN` derived from ``base`` (not checked for uniqueness).
+
+    Every character outside ``[A-Za-z0-9_.-]`` (``"/"`` of ONNX node names, ``":"``, spaces)
+    becomes ``_``; a name starting with ``.`` or ``-`` gets a ``_`` prefix; it is cut to
+    :data:`MAX_NAME_LENGTH`; a reserved name gets a ``_`` suffix.
+    """
+    name = _UNSAFE.sub("_", base) or "node"
+    if not NAME_PATTERN.fullmatch(name[:1]):
+        name = "_" + name
+    name = name[:MAX_NAME_LENGTH]
+    if name in RESERVED_NAMES:
+        name += "_"
+    return name
+
+
+def _show(name: str) -> str:
+    """``repr`` of a name, cut to 80 characters (names come from the network)."""
+    return repr(name) if len(name) <= 80 else f"{name[:80]!r}..."
+
+
+def _bad_name(kind: str, name: str, pattern: re.Pattern[str]) -> str | None:
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        why = " (contains '/', the separator of internal names)" if "/" in str(name) else ""
+        return f"{kind} name {_show(str(name))} does not match {pattern.pattern}{why}"
+    if pattern is NAME_PATTERN and name in RESERVED_NAMES:
+        return f"{kind} name {name!r} is reserved (one of {sorted(RESERVED_NAMES)})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -85,6 +150,7 @@ class Graph:
     def __post_init__(self) -> None:
         for k, v in self.params.items():
             self.param_shapes.setdefault(k, tuple(v.shape))
+        self.check_names()
 
     # ------------------------------------------------------------------ serialization
     def public_json(self) -> bytes:
@@ -125,9 +191,53 @@ class Graph:
         return g
 
     # ------------------------------------------------------------------ validation
-    def problems(self) -> list[str]:
-        """Every problem of the graph (unsupported ops, dangling inputs, shape mismatches)."""
+    def name_problems(self) -> list[str]:
+        """Every violation of :data:`NAME_RULE` (bad, reserved or repeated names), all of them."""
         out: list[str] = []
+        values = [("input", i.name) for i in self.inputs] + [("node", n.name) for n in self.nodes]
+        for kind, name in values:
+            bad = _bad_name(kind, name, NAME_PATTERN)
+            if bad is not None:
+                out.append(bad)
+        for pname in self.param_shapes:
+            bad = _bad_name("parameter", pname, PARAM_NAME_PATTERN)
+            if bad is not None:
+                out.append(bad)
+        kinds: dict[str, dict[str, int]] = {}
+        for kind, name in values:
+            per = kinds.setdefault(name, {})
+            per[kind] = per.get(kind, 0) + 1
+        for name, per in kinds.items():
+            k = sum(per.values())
+            if k > 1:
+                by = ", ".join(f"{c} {kind}{'s' if c > 1 else ''}" for kind, c in per.items())
+                out.append(f"name {_show(name)} is used {k} times (by {by}); names must be unique")
+        return out
+
+    def check_names(self) -> None:
+        """Raise one :class:`InvalidArgumentError` listing every name problem, if any.
+
+        The message lists them all up to :data:`_MAX_MESSAGE` characters (it travels in a
+        gRPC status, whose metadata is limited to a few KiB) and then says how many more
+        there are; :meth:`name_problems` always has the full list.
+        """
+        probs = self.name_problems()
+        if not probs:
+            return
+        lines: list[str] = []
+        size = 0
+        for p in probs:
+            size += len(p) + 5
+            if size > _MAX_MESSAGE and lines:
+                lines.append(f"  ... and {len(probs) - len(lines)} more")
+                break
+            lines.append(f"  - {p}")
+        raise InvalidArgumentError(f"the model graph has {len(probs)} invalid name(s) ({NAME_RULE}):\n"
+                                   + "\n".join(lines))
+
+    def problems(self) -> list[str]:
+        """Every problem of the graph (names, unsupported ops, dangling inputs, shape mismatches)."""
+        out: list[str] = self.name_problems()
         known = {i.name for i in self.inputs}
         if len(self.inputs) != 1:
             out.append(f"exactly one model input is supported, got {len(self.inputs)}")
@@ -139,7 +249,7 @@ class Graph:
                     out.append(f"node {n.name!r}: input {i!r} is not defined before it")
             for attr in _PARAM_ATTRS:
                 pname = n.attrs.get(attr)
-                if pname is not None and pname not in self.param_shapes:
+                if pname is not None and (not isinstance(pname, str) or pname not in self.param_shapes):
                     out.append(f"node {n.name!r}: parameter {pname!r} ({attr}) missing")
             if n.op == "linear" and n.attrs.get("weight") in self.param_shapes:
                 if self.param_shapes[n.attrs["weight"]] != (n.attrs.get("out_features"), n.attrs.get("in_features")):
@@ -153,6 +263,9 @@ class Graph:
         return out
 
     def validate(self) -> None:
+        """Raise :class:`InvalidArgumentError` for bad names, else one
+        :class:`UnsupportedModelError` listing every other problem."""
+        self.check_names()
         probs = self.problems()
         if probs:
             raise UnsupportedModelError("the model cannot run under MPC", probs)
