@@ -19,12 +19,15 @@ Schema (``parties/README.md`` has the same with examples)::
     chunk_bytes = 4194304           # payloads above this are chunked, < max_message_bytes
     tls = true                      # false = plaintext gRPC, for debugging only
     audits_per_hour = 30            # watermark audits one auditor may run per model per hour, >= 1
+    max_client_requests = 16        # requests one client may have in flight on a party, >= 1
 
     [dealer]                        # required
     address = "127.0.0.1:50050"     # host:port, IPv6 as [::1]:50050
     cert = "certs/dealer.pem"       # cert and key required when tls = true
     key = "certs/dealer.key"
     pool_size = 4                   # correlated-randomness bundles generated ahead, >= 0
+    max_pool_bytes = 2147483648     # all pooled material together, >= 1 MiB
+    max_set_bytes = 1073741824      # the material of one request (bigger batches refused), >= 1 MiB
 
     [[party]]                       # at least 2; ids exactly 0..n-1
     id = 0
@@ -100,6 +103,8 @@ ROLE_HE = "he"
 ALL_ROLES: tuple[str, ...] = (ROLE_PARTY, ROLE_DEALER, ROLE_OWNER, ROLE_CLIENT, ROLE_AUDITOR, ROLE_HE)
 
 CONFIG_ENV_VAR = "SECUREINFER_CONFIG"
+#: the largest batch of one request (rows); parties and dealer refuse more
+MAX_BATCH = 4096
 
 ENV_VARS: Mapping[str, tuple[str, str]] = {
     "SECUREINFER_CLUSTER_NAME": ("cluster", "name"),
@@ -112,8 +117,11 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "SECUREINFER_CHUNK_BYTES": ("cluster", "chunk_bytes"),
     "SECUREINFER_TLS": ("cluster", "tls"),
     "SECUREINFER_AUDITS_PER_HOUR": ("cluster", "audits_per_hour"),
+    "SECUREINFER_MAX_CLIENT_REQUESTS": ("cluster", "max_client_requests"),
     "SECUREINFER_DEALER_ADDRESS": ("dealer", "address"),
     "SECUREINFER_DEALER_POOL_SIZE": ("dealer", "pool_size"),
+    "SECUREINFER_DEALER_MAX_POOL_BYTES": ("dealer", "max_pool_bytes"),
+    "SECUREINFER_DEALER_MAX_SET_BYTES": ("dealer", "max_set_bytes"),
     "SECUREINFER_HE_ADDRESS": ("he", "address"),
 }
 
@@ -152,6 +160,7 @@ class ClusterSettings:
     chunk_bytes: int
     tls: bool
     audits_per_hour: int = 30
+    max_client_requests: int = 16
 
 
 @dataclass(frozen=True)
@@ -162,6 +171,8 @@ class DealerEntry:
     cert: Path | None
     key: Path | None
     pool_size: int
+    max_pool_bytes: int = 2 << 30
+    max_set_bytes: int = 1 << 30
     name: str = "dealer"
     role: str = ROLE_DEALER
 
@@ -317,12 +328,15 @@ _CLUSTER_SPEC: dict[str, tuple[str, object]] = {
     "chunk_bytes": ("int", 4 * 1024 * 1024),
     "tls": ("bool", True),
     "audits_per_hour": ("int", 30),
+    "max_client_requests": ("int", 16),
 }
 _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "address": ("address", _REQ),
     "cert": ("path", None),
     "key": ("path", None),
     "pool_size": ("int", 4),
+    "max_pool_bytes": ("int", 2 << 30),
+    "max_set_bytes": ("int", 1 << 30),
 }
 _PARTY_SPEC: dict[str, tuple[str, object]] = {
     "id": ("int", _REQ),
@@ -532,6 +546,8 @@ def _validate(
         problems.append(f"cluster.chunk_bytes ({chunk}) must be smaller than cluster.max_message_bytes ({mmb})")
     if c["audits_per_hour"] is not None and not 1 <= c["audits_per_hour"] <= 1_000_000:
         problems.append(f"cluster.audits_per_hour must be in 1..1000000, got {c['audits_per_hour']}")
+    if c["max_client_requests"] is not None and not 1 <= c["max_client_requests"] <= 100_000:
+        problems.append(f"cluster.max_client_requests must be in 1..100000, got {c['max_client_requests']}")
     cluster_table = doc.get("cluster", {})
     if tls and isinstance(cluster_table, Mapping) and "ca_cert" not in cluster_table:
         problems.append("[cluster]: missing 'ca_cert' (required when tls = true)")
@@ -552,6 +568,9 @@ def _validate(
         need_cert(doc["dealer"], "dealer")
         if d["pool_size"] is not None and d["pool_size"] < 0:
             problems.append(f"dealer.pool_size must be >= 0, got {d['pool_size']}")
+        for key in ("max_pool_bytes", "max_set_bytes"):
+            if d[key] is not None and d[key] < 1 << 20:
+                problems.append(f"dealer.{key} must be at least 1 MiB (1048576), got {d[key]}")
 
     h: dict[str, Any] | None = None
     if "he" in doc:

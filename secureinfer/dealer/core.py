@@ -21,6 +21,14 @@ model needs from its public graph.
 * Every part is served to its party at most once, and a session is bound at most once,
   so no correlated randomness is ever used twice. Bound sessions and prefetched but
   unbound sets expire (``session_ttl_s`` / ``set_ttl_s``).
+* Memory is bounded whatever clients send: pooled sets of all deployments together stay
+  under ``max_pool_bytes``; one request's set may not exceed ``max_set_bytes`` (judged
+  from the measured bytes per row before the set is built: RESOURCE_EXHAUSTED naming the
+  largest batch that fits); at most ``max_wanted_per_model`` (batch, purpose) kinds per
+  deployment are pooled (least recently used dropped); at most ``max_generating`` sets
+  are generated on the request path at once. Parties round batches up to buckets
+  (:func:`secureinfer.party.limits.batch_bucket`), so the kinds a client can ask for are
+  few.
 """
 
 from __future__ import annotations
@@ -33,11 +41,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from secureinfer.config import MAX_BATCH
 from secureinfer.dealer.material import BundleBuilder
 from secureinfer.dealer.wire import bundle_to_bytes
 from secureinfer.engine.ops import OPS
 from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
-from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError
+from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError, ResourceExhaustedError
 from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed
 from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose
@@ -45,7 +54,6 @@ from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpos
 __all__ = ["DealerCore", "PURPOSES"]
 
 PURPOSES = ("logits", "argmax", "dp")
-MAX_BATCH = 4096
 _Key = tuple[str, int, str]
 
 
@@ -80,7 +88,8 @@ class _Binding:
 class DealerCore:
     def __init__(
         self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 60.0,
-        wanted_ttl_s: float = 600.0, max_pool_bytes: int = 1 << 30,
+        wanted_ttl_s: float = 600.0, max_pool_bytes: int = 2 << 30, max_set_bytes: int = 1 << 30,
+        max_wanted_per_model: int = 8, max_generating: int = 2, generate_wait_s: float = 30.0,
     ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
@@ -90,13 +99,17 @@ class DealerCore:
         self.set_ttl_s = set_ttl_s
         self.wanted_ttl_s = wanted_ttl_s
         self.max_pool_bytes = max_pool_bytes
+        self.max_set_bytes = max_set_bytes
+        self.max_wanted_per_model = max_wanted_per_model
+        self.generate_wait_s = generate_wait_s
+        self._generating = threading.BoundedSemaphore(max_generating)
         self._lock = threading.Condition()
         self._models: dict[str, _Model] = {}
         self._pools: dict[_Key, OrderedDict[str, _Set]] = {}
         self._sessions: dict[str, _Binding] = {}
         self.counters: dict[str, int] = {
             "sets_generated": 0, "parts_prefetched": 0, "parts_fetched": 0, "binds_prefetched": 0,
-            "binds_fallback": 0, "sets_expired": 0,
+            "binds_fallback": 0, "sets_expired": 0, "refused_too_large": 0, "refused_busy": 0,
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -172,11 +185,77 @@ class DealerCore:
             m.set_bytes[(batch, purpose)] = sum(len(p) for p in parts if p is not None)
         return _Set(uuid.uuid4().hex, parts, time.monotonic())
 
-    @staticmethod
-    def _want(m: _Model, batch: int, purpose: str) -> None:
-        """Keep the pool of this kind of request filled (not for one-off audits)."""
-        if not purpose.startswith(AUDIT_PREFIX):
-            m.wanted[(batch, purpose)] = time.monotonic()
+    def _want(self, m: _Model, batch: int, purpose: str) -> None:
+        """Keep the pool of this kind of request filled (not for one-off audits).
+
+        At most ``max_wanted_per_model`` kinds per deployment are pooled: the least
+        recently used kind beyond that is forgotten, and its pooled sets freed.
+        """
+        if purpose.startswith(AUDIT_PREFIX):
+            return
+        m.wanted[(batch, purpose)] = time.monotonic()
+        while len(m.wanted) > self.max_wanted_per_model:
+            oldest = min(m.wanted, key=m.wanted.__getitem__)
+            del m.wanted[oldest]
+            dep = next((d for d, mm in self._models.items() if mm is m), None)
+            pool = self._pools.get((dep, *oldest)) if dep is not None else None
+            for sid in [k for k, st in (pool or {}).items() if not st.delivered]:
+                del pool[sid]  # type: ignore[union-attr]
+
+    # ------------------------------------------------------------------ memory limits
+    def _estimate(self, m: _Model, batch: int, purpose: str) -> int | None:
+        """Bytes of one set of (batch, purpose): measured, or ``batch`` x the largest
+        measured bytes per row of that purpose (an upper bound: material is linear in
+        the batch plus per-set constants); None before anything was measured."""
+        size = m.set_bytes.get((batch, purpose))
+        if size is not None:
+            return size
+        rows = [sz / b for (b, p), sz in m.set_bytes.items() if p == purpose]
+        return int(max(rows) * batch) if rows else None
+
+    def _check_size(self, m: _Model, deployment_id: str, batch: int, purpose: str) -> None:
+        """Refuse a request whose one set would exceed ``max_set_bytes`` (RESOURCE_EXHAUSTED).
+
+        Without a measurement for ``purpose``, a batch-1 set is generated first (it goes
+        to the pool) to measure the bytes per row: a batch is judged before its set is
+        ever built.
+        """
+        if purpose.startswith(AUDIT_PREFIX):
+            return
+        with self._lock:
+            est = self._estimate(m, batch, purpose)
+        if est is None and batch > 1:
+            s = self._generate_bounded(m, 1, purpose)
+            with self._lock:
+                if self._models.get(deployment_id) is m:
+                    self._pools.setdefault((deployment_id, 1, purpose), OrderedDict())[s.set_id] = s
+                est = self._estimate(m, batch, purpose)
+        if est is not None and est > self.max_set_bytes:
+            with self._lock:
+                self.counters["refused_too_large"] += 1
+                per_row = max(1, self._estimate(m, 1, purpose) or 1)
+            raise ResourceExhaustedError(
+                f"dealer: a batch of {batch} needs about {est / 2**20:.0f} MiB of correlated randomness for "
+                f"deployment {deployment_id}, over the dealer's cap of {self.max_set_bytes / 2**20:.0f} MiB per "
+                f"request; send batches of at most {max(1, self.max_set_bytes // per_row)}"
+            )
+
+    def _generate_bounded(self, m: _Model, batch: int, purpose: str) -> _Set:
+        """Generate on the request path, at most ``max_generating`` at a time."""
+        if not self._generating.acquire(timeout=self.generate_wait_s):
+            with self._lock:
+                self.counters["refused_busy"] += 1
+            raise ResourceExhaustedError(
+                f"dealer: busy generating material for other requests for {self.generate_wait_s:g} s; retry later"
+            )
+        try:
+            return self._generate(m, batch, purpose)
+        finally:
+            self._generating.release()
+
+    def _pooled_bytes(self) -> int:
+        """Bytes of every pooled part not yet handed out (the pool's memory)."""
+        return sum(len(p) for pool in self._pools.values() for st in pool.values() for p in st.parts if p is not None)
 
     def _generate_audit(self, m: _Model, purpose: str) -> _Set:
         layer, bits = parse_purpose(purpose)
@@ -200,8 +279,10 @@ class DealerCore:
         """
         self._check(batch, purpose)
         with self._lock:
-            self._expire()
             m = self._model(deployment_id, party_id)
+        self._check_size(m, deployment_id, batch, purpose)
+        with self._lock:
+            self._expire()
             self._want(m, batch, purpose)
             self._lock.notify_all()
             pool = self._pools.get((deployment_id, batch, purpose), {})
@@ -230,8 +311,10 @@ class DealerCore:
         """
         self._check(batch, purpose, session_id)
         with self._lock:
-            self._expire()
             m = self._model(deployment_id, party_id)
+        self._check_size(m, deployment_id, batch, purpose)
+        with self._lock:
+            self._expire()
             self._want(m, batch, purpose)
             b = self._sessions.get(session_id)
             if b is None:
@@ -264,7 +347,7 @@ class DealerCore:
             fresh = next((s for s in pool.values() if not s.delivered), None)
             if fresh is not None:
                 del pool[fresh.set_id]
-        s = fresh if fresh is not None else self._generate(m, batch, purpose)
+        s = fresh if fresh is not None else self._generate_bounded(m, batch, purpose)
         with self._lock:
             b = self._sessions.get(session_id)
             if b is None:
@@ -278,8 +361,10 @@ class DealerCore:
         """Bind (if needed) and return this party's part of the session's set."""
         self._check(batch, purpose, session_id)
         with self._lock:
-            self._expire()
             m = self._model(deployment_id, party_id)
+        self._check_size(m, deployment_id, batch, purpose)
+        with self._lock:
+            self._expire()
             self._want(m, batch, purpose)
         b = self._bind_fresh(m, deployment_id, session_id, batch, purpose)
         with self._lock:
@@ -332,13 +417,21 @@ class DealerCore:
             self._thread.join(timeout=10)
 
     def _next_job(self) -> tuple[_Model, str, int, str] | None:
+        """The next pool to top up, most recently wanted first, within the global byte budget.
+
+        Every pool gets at least one set before any gets a second (depth rounds), and no
+        set is generated that would take the pooled bytes over ``max_pool_bytes``.
+        """
         now = time.monotonic()
-        for dep, m in self._models.items():
-            for (batch, purpose), last in sorted(m.wanted.items()):
-                if now - last > self.wanted_ttl_s:
+        free = self.max_pool_bytes - self._pooled_bytes()
+        kinds = sorted(((last, dep, m, batch, purpose) for dep, m in self._models.items()
+                        for (batch, purpose), last in m.wanted.items() if now - last <= self.wanted_ttl_s),
+                       key=lambda t: -t[0])
+        for depth in range(1, self.pool_size + 1):
+            for _, dep, m, batch, purpose in kinds:
+                size = self._estimate(m, batch, purpose) or 0
+                if size > free or size > self.max_set_bytes:
                     continue
-                size = m.set_bytes.get((batch, purpose), 0)
-                depth = max(1, min(self.pool_size, self.max_pool_bytes // size)) if size else self.pool_size
                 if len(self._pools.get((dep, batch, purpose), {})) < depth:
                     return m, dep, batch, purpose
         return None

@@ -8,7 +8,9 @@ that set from the cache; only if no set is held by every party does it fall back
 ``Fetch`` (transfer and parsing on the request path).
 
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
-them sooner, see ``DealerCore.set_ttl_s``).
+them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
+of request are prefetched (least recently used forgotten), and no prefetch starts while
+the cached parts hold ``max_cached_bytes`` or more.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class MaterialCache:
     def __init__(
         self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
         rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 90.0, idle_s: float = 600.0,
-        prefetch_timeout_s: float = 120.0,
+        prefetch_timeout_s: float = 120.0, max_cached_bytes: int = 2 << 30, max_keys: int = 16,
         log: Logger | None = None,
     ) -> None:
         self.party_id = party_id
@@ -66,6 +68,8 @@ class MaterialCache:
         self._timeout = rpc_timeout_s
         self._prefetch_timeout = max(rpc_timeout_s, prefetch_timeout_s)
         self._max_bytes = max_bytes
+        self.max_cached_bytes = max_cached_bytes
+        self.max_keys = max_keys
         self.depth = depth
         self.ttl_s = ttl_s
         self.idle_s = idle_s
@@ -90,6 +94,9 @@ class MaterialCache:
     def want(self, key: Key) -> None:
         with self._cond:
             self._entries.setdefault(key, _Entry()).last_used = time.monotonic()
+            while len(self._entries) > self.max_keys:
+                oldest = min(self._entries, key=lambda k: self._entries[k].last_used)
+                del self._entries[oldest]  # its parts go too; the dealer expires their sets
             self._cond.notify_all()
 
     def forget(self, deployment_id: str) -> None:
@@ -116,14 +123,22 @@ class MaterialCache:
         with self._cond:
             return sum(len(e.sets) for e in self._entries.values())
 
+    def _cached_bytes(self) -> int:
+        return sum(b.nbytes for e in self._entries.values() for b, _ in e.sets.values())
+
     # ------------------------------------------------------------------ background
     def _next(self) -> Key | None:
         now = time.monotonic()
-        for key, e in self._entries.items():
+        for e in self._entries.values():
             for sid in [s for s, (_, t) in e.sets.items() if now - t > self.ttl_s]:
                 del e.sets[sid]
-            if now - e.last_used < self.idle_s and len(e.sets) < self.depth:
-                return key
+        if self._cached_bytes() >= self.max_cached_bytes:
+            return None
+        recent = sorted(self._entries.items(), key=lambda kv: -kv[1].last_used)
+        for depth in range(1, self.depth + 1):  # one set for every kind before a second for any
+            for key, e in recent:
+                if now - e.last_used < self.idle_s and len(e.sets) < depth:
+                    return key
         return None
 
     def _loop(self) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from secureinfer.config import ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, Topology
+from secureinfer.config import MAX_BATCH, ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, Topology
 from secureinfer.dealer.material import PartyBundle
 from secureinfer.dealer.wire import bundle_from_bytes
 from secureinfer.engine.plan import Plan, compile_plan
@@ -45,7 +45,7 @@ from secureinfer.graph.ir import Graph
 from secureinfer.log import Logger
 from secureinfer.dp.ledger import BudgetLedger
 from secureinfer.party.dp import DpPolicy
-from secureinfer.party.limits import RateLimiter
+from secureinfer.party.limits import ConcurrencyLimiter, RateLimiter, batch_bucket
 from secureinfer.party.material import MaterialCache, read_chunks
 from secureinfer.party.store import ModelRecord, ModelStore, check_name
 from secureinfer.protocols.session import Session
@@ -99,6 +99,7 @@ class PartyServer:
         self._lock = threading.Lock()
         self._models: dict[tuple[str, str], LoadedModel] = {}
         self._by_deployment: dict[str, LoadedModel] = {}
+        self._client_slots = ConcurrencyLimiter(limit=self.settings.max_client_requests, what="requests")
         self._audits = RateLimiter(limit=self.settings.audits_per_hour, window_s=3600.0, what="watermark audits")
         self._dealer_channel = tls.open_channel(
             topology.dealer.address, settings=self.settings, cert=self.me.cert, key=self.me.key
@@ -251,6 +252,24 @@ class PartyServer:
 
     # ------------------------------------------------------------------ inference
     def infer(self, req: party_pb2.InferRequest, deadline: float, *, client: str) -> party_pb2.InferResponse:
+        """One inference; at most ``max_client_requests`` in flight per client.
+
+        A request this party refuses (a limit, a bad input, the DP budget) is also aborted
+        at the peers, which then fail it at once instead of waiting for its messages.
+        """
+        try:
+            with self._client_slots.hold(client, who=f"party {self.party_id}: client {client!r}"):
+                return self._infer(req, deadline, client=client)
+        except SecureInferError as exc:
+            try:
+                dep = self.model(req.model_name, req.model_version).record.deployment_id
+            except NotFoundError:
+                raise exc from None
+            if _RID_RE.match(req.request_id):
+                self.transport.abort(f"infer/{dep}/{req.request_id}", f"party {self.party_id}: {exc}")
+            raise
+
+    def _infer(self, req: party_pb2.InferRequest, deadline: float, *, client: str) -> party_pb2.InferResponse:
         t0 = time.perf_counter()
         lm = self.model(req.model_name, req.model_version)
         if not _RID_RE.match(req.request_id):
@@ -267,6 +286,13 @@ class PartyServer:
         if x.dim() != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]) or x.shape[0] < 1:
             raise ShapeError(f"model {lm.record.name!r} expects input of shape {expected}, got {tuple(x.shape)}")
         batch = int(x.shape[0])
+        if batch > MAX_BATCH:
+            raise ShapeError(f"a request holds at most {MAX_BATCH} rows, got {batch}; split it")
+        # run on a bucketed batch (zero rows appended: public padding) so that a client
+        # cycling batch sizes meets few kinds of dealer material
+        padded = batch_bucket(batch)
+        if padded > batch:
+            x = torch.cat([x, x.new_zeros((padded - batch, *x.shape[1:]))])
         argmax = "argmax" in outputs
         purpose = "argmax" if argmax else lm.default_purpose
         info: dict[str, str] = {}
@@ -282,11 +308,11 @@ class PartyServer:
         )
         try:
             t_off = time.perf_counter()
-            bundle = self.material(lm, sid, batch, purpose)
+            bundle = self.material(lm, sid, padded, purpose)
             session.costs.offline_ms = (time.perf_counter() - t_off) * 1e3
             session.costs.bytes_offline = bundle.nbytes
-            plan = lm.plan(batch, purpose, self.n)
-            outs = run_plan(session, plan, lm.model, bundle, x)
+            plan = lm.plan(padded, purpose, self.n)
+            outs = {k: v[:batch] for k, v in run_plan(session, plan, lm.model, bundle, x).items()}
             if lm.dp is not None:
                 outs["logits"] = outs["logits"] + lm.dp.noise_share(tuple(outs["logits"].shape))
         except BaseException as exc:
@@ -308,7 +334,8 @@ class PartyServer:
             bytes_received_online=c.bytes_received, bytes_offline=c.bytes_offline, offline_ms=c.offline_ms,
         ))
         self.log.info("infer", request=req.request_id, model=lm.record.name, version=lm.record.version,
-                      batch=batch, rounds=c.rounds, bytes_sent=c.bytes_sent, ms=round(resp.cost.latency_ms, 2))
+                      batch=batch, padded=padded, rounds=c.rounds, bytes_sent=c.bytes_sent,
+                      ms=round(resp.cost.latency_ms, 2))
         return resp
 
     def debit(self, client: str, lm: LoadedModel, request_id: str, rows: int) -> dict[str, str]:
