@@ -5,10 +5,13 @@ layer, so unlike ``dealer/material.py`` it may use the engine's planner to deriv
 model needs from its public graph.
 
 * ``register``: a party announces a deployment's public graph. The dealer derives every
-  party's *model seed* from its master key (HKDF, label ``model/<deployment>/<party>``),
-  from which the fixed weight masks ``B`` are expanded, and returns the calling party's
-  seed only. Registration is idempotent and survives dealer restarts (the seeds are
-  re-derived; a party that meets NOT_FOUND re-registers by itself).
+  party's *model seed* from its master key and a random per-deployment *nonce* (HKDF,
+  label ``model/<deployment>/<nonce hex>/<party>``), from which the fixed weight masks
+  ``B`` are expanded, and returns the calling party's seed and the nonce. The nonce is
+  drawn from ``os.urandom`` at a deployment's first registration, so masks are never
+  reused, not even for a deployment id seen before (after ``release`` or a restart).
+  Each party registers a deployment once; after a dealer restart a party that meets
+  NOT_FOUND re-registers by itself *with the stored nonce*, and gets the same seeds.
 * Material comes in *sets*: one bundle per party for one request of a given
   (deployment, batch, purpose), generated ahead of time by a background thread and
   serialized once. A set is used for exactly one session.
@@ -33,32 +36,50 @@ model needs from its public graph.
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from secureinfer.config import MAX_BATCH
 from secureinfer.dealer.material import BundleBuilder
 from secureinfer.dealer.wire import bundle_to_bytes
 from secureinfer.engine.ops import OPS
 from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
-from secureinfer.errors import InvalidArgumentError, NotFoundError, ProtocolError, ResourceExhaustedError
+from secureinfer.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ProtocolError,
+    ResourceExhaustedError,
+)
 from secureinfer.graph.ir import Graph
-from secureinfer.prg import derive_seed
+from secureinfer.prg import derive_seed, fresh_seed
 from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose
 
-__all__ = ["DealerCore", "PURPOSES"]
+__all__ = ["NONCE_BYTES", "DealerCore", "PURPOSES", "Registration"]
 
 PURPOSES = ("logits", "argmax", "dp")
+NONCE_BYTES = 32  # per-deployment seed nonce (os.urandom)
 _Key = tuple[str, int, str]
+
+
+class Registration(NamedTuple):
+    """What a party gets from :meth:`DealerCore.register`."""
+
+    digest: str  # SHA-256 (hex) of the graph as the dealer stored it
+    seed: bytes  # the calling party's model seed (fixed masks B)
+    nonce: bytes  # the deployment's seed nonce: keep it, send it back to re-register
 
 
 @dataclass
 class _Model:
+    """A registered deployment: seeds derived from the master key and ``nonce``."""
+
     graph: Graph
     digest: str
     n_parties: int
@@ -67,6 +88,8 @@ class _Model:
     raw_masks: dict[str, Any]  # the same masks unprepared (watermark audits flatten them)
     wanted: dict[tuple[int, str], float] = field(default_factory=dict)  # (batch, purpose) -> last use
     set_bytes: dict[tuple[int, str], int] = field(default_factory=dict)  # measured size of one set
+    nonce: bytes = b""  # the deployment's seed nonce (NONCE_BYTES random bytes)
+    registered: set[int] = field(default_factory=set)  # parties that registered it in this process
 
 
 @dataclass
@@ -115,19 +138,61 @@ class DealerCore:
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ models
-    def register(self, deployment_id: str, graph_json: bytes, *, party_id: int, n_parties: int) -> tuple[str, bytes]:
+    def register(
+        self, deployment_id: str, graph_json: bytes, *, party_id: int, n_parties: int, nonce: bytes = b""
+    ) -> Registration:
+        """Register a deployment for ``party_id``; return its seed and the deployment's nonce.
+
+        Guarantees:
+
+        * The seeds are ``HKDF(master, "model/<deployment_id>/<nonce hex>/<p>")``. Without
+          ``nonce`` (a deployment's first registration, at deploy time) the nonce is the
+          one this process drew from ``os.urandom`` when the first of the deployment's
+          parties registered it, or a fresh one if the deployment is unknown here --
+          never re-derived from the id alone, so a deployment id that was used before
+          (released, or registered before a restart) gets new masks.
+        * Without ``nonce`` each party registers a deployment once: the n parties in any
+          order, concurrently; a party that already registered it is refused
+          (:class:`~secureinfer.errors.AlreadyExistsError`).
+        * With ``nonce`` (a party re-registering the deployment it stored, after a dealer
+          restart or release) the same seeds are re-derived; refused
+          (:class:`~secureinfer.errors.AlreadyExistsError`) if this process holds the
+          deployment under another nonce.
+        * The graph and party count must match the deployment's first registration
+          (:class:`~secureinfer.errors.InvalidArgumentError`).
+        """
         if not deployment_id or len(deployment_id) > 128:
             raise InvalidArgumentError("deployment_id must be 1..128 characters")
         if not 2 <= n_parties <= 16 or not 0 <= party_id < n_parties:
             raise InvalidArgumentError(f"bad party_id {party_id} / n_parties {n_parties}")
+        nonce = bytes(nonce)
+        if nonce and len(nonce) != NONCE_BYTES:
+            raise InvalidArgumentError(f"a deployment nonce has {NONCE_BYTES} bytes, got {len(nonce)}")
         graph = Graph.from_public_json(graph_json)
+        digest = graph.digest()
+
+        def admit(m: _Model) -> Registration:  # under self._lock
+            if m.digest != digest or m.n_parties != n_parties:
+                raise InvalidArgumentError(f"deployment {deployment_id} was registered with a different graph")
+            if nonce and not hmac.compare_digest(nonce, m.nonce):
+                raise AlreadyExistsError(
+                    f"deployment {deployment_id} is registered with the dealer under another nonce; "
+                    "deploy the model again with a fresh deployment id"
+                )
+            if not nonce and party_id in m.registered:
+                raise AlreadyExistsError(
+                    f"party {party_id} already registered deployment {deployment_id}; a deployment id is "
+                    "registered once (re-register with its nonce, or deploy with a fresh id)"
+                )
+            m.registered.add(party_id)
+            return Registration(m.digest, m.seeds[party_id], m.nonce)
+
         with self._lock:
             m = self._models.get(deployment_id)
             if m is not None:
-                if m.digest != graph.digest() or m.n_parties != n_parties:
-                    raise InvalidArgumentError(f"deployment {deployment_id} was registered with a different graph")
-                return m.digest, m.seeds[party_id]
-        seeds = [derive_seed(self._master, f"model/{deployment_id}/{p}") for p in range(n_parties)]
+                return admit(m)
+        use = nonce or fresh_seed()  # fresh_seed: os.urandom(32)
+        seeds = [derive_seed(self._master, f"model/{deployment_id}/{use.hex()}/{p}") for p in range(n_parties)]
         b = BundleBuilder(n_parties, seeds=seeds)
         nodes = {n.name: n for n in graph.nodes}
         masks: dict[str, Any] = {}
@@ -138,12 +203,21 @@ class DealerCore:
             raw[key] = b.random(f"{key}/B", shape)
             masks[key] = OPS[node.op].prepare(node, attr, raw[key])
         with self._lock:
-            m = self._models.setdefault(deployment_id, _Model(graph, graph.digest(), n_parties, seeds, masks, raw))
+            # concurrent first registrations: the first to get here wins, the others join it
+            m = self._models.setdefault(
+                deployment_id, _Model(graph, digest, n_parties, seeds, masks, raw, nonce=use)
+            )
+            reg = admit(m)
             m.wanted.setdefault((1, "logits"), time.monotonic())
             self._lock.notify_all()
-            return m.digest, m.seeds[party_id]
+            return reg
 
     def release(self, deployment_id: str) -> None:
+        """Forget a deployment: its seeds, nonce and pooled material.
+
+        A later registration without the nonce gets a fresh nonce, hence new masks; a
+        party that still holds the deployment re-registers with its stored nonce.
+        """
         with self._lock:
             self._models.pop(deployment_id, None)
             for key in [k for k in self._pools if k[0] == deployment_id]:

@@ -5,8 +5,9 @@ register and fetch only under its own id) over mTLS gRPC. It never receives an i
 weight or an output: only public graphs, deployment ids and session ids.
 
 The dealer's master key (``<dealer key>.master``, 32 bytes, mode 0600, created on first
-start) derives the per-deployment model seeds, so a restarted dealer serves existing
-deployments again after the parties re-register (which they do by themselves).
+start) and a random per-deployment nonce derive the model seeds, so a restarted dealer
+serves existing deployments again after the parties re-register with the nonce they
+stored (which they do by themselves).
 """
 
 from __future__ import annotations
@@ -75,9 +76,13 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
     def RegisterModel(self, req: dealer_pb2.RegisterModelRequest, ctx: grpc.ServicerContext) -> Any:
         def run() -> dealer_pb2.RegisterModelResponse:
             self._party(ctx, req.party_id)
-            digest, seed = self.s.core.register(req.deployment_id, req.graph, party_id=req.party_id, n_parties=req.n_parties)
-            self.s.log.info("registered", deployment=req.deployment_id, party=req.party_id)
-            return dealer_pb2.RegisterModelResponse(graph_sha256=bytes.fromhex(digest), model_seed=seed)
+            # first registration (no nonce): fresh nonce, once per party; re-registration: the stored nonce
+            reg = self.s.core.register(req.deployment_id, req.graph, party_id=req.party_id,
+                                       n_parties=req.n_parties, nonce=req.nonce)
+            self.s.log.info("registered", deployment=req.deployment_id, party=req.party_id,
+                            reregistration=bool(req.nonce))  # never the seed or the nonce
+            return dealer_pb2.RegisterModelResponse(graph_sha256=bytes.fromhex(reg.digest), model_seed=reg.seed,
+                                                    nonce=reg.nonce)
 
         return self._guard(ctx, "register", run)
 

@@ -9,9 +9,14 @@ the caller let any noisy value leave the process. A debit is never refunded: if 
 request fails later the budget stays spent (the noise may already be out). A process
 killed with SIGKILL at any point leaves either the whole debit or none of it.
 
-* Idempotent: a ``request_id`` is debited at most once; reserving it again with the same
-  client and cost returns the original debit (``replayed=True``); with a different client
-  or cost it is refused (:class:`~secureinfer.errors.AlreadyExistsError`).
+* One release per request id, durably: a ``request_id`` is debited at most once, ever
+  (the debit row outlives restarts). Reserving an id that was already debited is refused
+  with :class:`~secureinfer.errors.AlreadyExistsError` (gRPC ALREADY_EXISTS, "request id
+  ... was already used; use a fresh id") and charges nothing -- so a caller that releases
+  fresh noise after every successful reserve can never release twice under one paid id.
+  Only ``reserve(..., idempotent=True)`` returns the original debit of a replayed id (same
+  client and cost; ``replayed=True``): for bookkeeping callers that release nothing new
+  on a replay. With a different client or cost a replay is refused in both modes.
 * Concurrency: every reserve runs in a ``BEGIN IMMEDIATE`` transaction, which SQLite
   serialises across threads and processes with its file locks (``busy_timeout`` waits
   for the lock). WAL needs shared memory: keep the file on a local disk, not NFS.
@@ -162,8 +167,17 @@ class BudgetLedger:
 
     # ------------------------------------------------------------------ API
 
-    def reserve(self, client: str, request_id: str, cost: PrivacyEvent) -> Debit:
-        """Debit ``cost`` for ``request_id`` or raise; committed and fsync'd on return."""
+    def reserve(self, client: str, request_id: str, cost: PrivacyEvent, *, idempotent: bool = False) -> Debit:
+        """Debit ``cost`` for ``request_id`` or raise; committed and fsync'd on return.
+
+        Guarantees: a returned :class:`Debit` with ``replayed=False`` is a new debit of
+        ``cost``, committed before this returns. An id that was ever debited before is
+        refused (:class:`~secureinfer.errors.AlreadyExistsError`, nothing charged) unless
+        ``idempotent`` is set, in which case a replay with the same client and cost
+        returns the original debit with ``replayed=True`` -- the caller must then not
+        release anything new. :class:`~secureinfer.errors.BudgetExhaustedError` if the
+        client's budget does not cover ``cost``.
+        """
         _name(client, "client")
         _name(request_id, "request_id")
         if not isinstance(cost, PrivacyEvent):
@@ -172,17 +186,21 @@ class BudgetLedger:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                debit = self._reserve_locked(client, request_id, cost, cost_json)
+                debit = self._reserve_locked(client, request_id, cost, cost_json, idempotent)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
         return debit
 
-    def _reserve_locked(self, client: str, request_id: str, cost: PrivacyEvent, cost_json: str) -> Debit:
+    def _reserve_locked(
+        self, client: str, request_id: str, cost: PrivacyEvent, cost_json: str, idempotent: bool
+    ) -> Debit:
         prior = self._db.execute(
             "SELECT client, event_json FROM debits WHERE request_id = ?", (request_id,)
         ).fetchone()
+        if prior is not None and not idempotent:
+            raise AlreadyExistsError(f"request id {request_id!r} was already used; use a fresh id")
         budget, total = self._client_row(client, create=prior is None)
         spent_now = self._spent(budget, total)
         if prior is not None:

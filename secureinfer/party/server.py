@@ -163,14 +163,37 @@ class PartyServer:
         self._server.wait_for_termination()
 
     def _load_models(self) -> None:
+        """Install every stored model (at start).
+
+        Each stored model's deployment id gets its tombstone if it has none yet (a store
+        written before tombstones existed), so it can never be deployed again here. A
+        model that fails to load is logged and skipped, its file kept.
+        """
         for name in self.store.names():
             for version in self.store.versions(name):
                 try:
-                    self._install(self.store.load(name, version))
+                    rec = self.store.load(name, version)
+                    self.store.claim_deployment(rec.deployment_id, name=rec.name, version=rec.version, exist_ok=True)
+                    self._install(rec)
                 except SecureInferError as exc:
                     self.log.error("model_load_failed", model=name, version=version, error=str(exc))
 
     def _install(self, rec: ModelRecord) -> LoadedModel:
+        """Serve ``rec`` (its deployment id must already be claimed in the store).
+
+        Refuses (:class:`~secureinfer.errors.ConfigError`) a record without a seed nonce:
+        it was deployed before nonces, and its masks can no longer be re-derived by the
+        dealer. A record replacing another one of the same name and version takes over
+        its slot; the replaced deployment's cached material is dropped.
+        """
+        from secureinfer.dealer.core import NONCE_BYTES
+        from secureinfer.errors import ConfigError
+
+        if len(rec.seed_nonce) != NONCE_BYTES:
+            raise ConfigError(
+                f"model {rec.name} version {rec.version} was deployed before per-deployment seed nonces; "
+                "deploy it again (with replace)"
+            )
         graph = Graph.from_public_json(rec.graph_json)
         masks = {k: PartyBundle(self.party_id, rec.model_seed).share(f"{k}/B", v.shape) for k, v in rec.diffs.items()}
         pm = PartyModel(graph, party_id=self.party_id, shares=rec.shares, masks=masks, diffs=rec.diffs)
@@ -178,8 +201,15 @@ class PartyServer:
         dp = DpPolicy.from_parameters(rec.parameters, frac_bits=graph.frac_bits, dim=out_dim, n_parties=self.n)
         lm = LoadedModel(rec, graph, pm, dp)
         with self._lock:
+            old = self._models.get((rec.name, rec.version))
             self._models[(rec.name, rec.version)] = lm
             self._by_deployment[rec.deployment_id] = lm
+            stale = old.record.deployment_id if old is not None else None
+            stale = None if stale == rec.deployment_id else stale
+            if stale is not None and self._by_deployment.get(stale) is old:
+                del self._by_deployment[stale]
+        if stale is not None:
+            self.cache.forget(stale)
         self.cache.want((rec.deployment_id, 1, lm.default_purpose))
         return lm
 
@@ -209,11 +239,25 @@ class PartyServer:
         except grpc.RpcError as err:
             raise tls.error_from_rpc_error(err, peer=f"dealer at {self.topology.dealer.address} ({what})") from None
 
-    def register_with_dealer(self, deployment_id: str, graph_json: bytes) -> bytes:
+    def register_with_dealer(self, deployment_id: str, graph_json: bytes, nonce: bytes = b"") -> tuple[bytes, bytes]:
+        """Register a deployment with the dealer; return (this party's model seed, seed nonce).
+
+        Without ``nonce``: the deployment's first registration (at deploy time); the
+        dealer answers with a fresh random nonce, and refuses (ALREADY_EXISTS) if this
+        party registered the id before. With ``nonce`` (from the stored record): a
+        re-registration after a dealer restart, answered with the same seed. A malformed
+        answer, or one with another nonce, raises :class:`~secureinfer.errors.ProtocolError`.
+        """
+        from secureinfer.dealer.core import NONCE_BYTES
+
         req = dealer_pb2.RegisterModelRequest(
-            deployment_id=deployment_id, graph=graph_json, party_id=self.party_id, n_parties=self.n
+            deployment_id=deployment_id, graph=graph_json, party_id=self.party_id, n_parties=self.n, nonce=nonce
         )
-        return self._rpc(self.dealer.RegisterModel, req, "register").model_seed
+        resp = self._rpc(self.dealer.RegisterModel, req, "register")
+        if len(resp.model_seed) != 32 or len(resp.nonce) != NONCE_BYTES or (nonce and resp.nonce != nonce):
+            raise ProtocolError(f"dealer answered the registration of deployment {deployment_id} "
+                                "with a malformed seed or another nonce")
+        return resp.model_seed, resp.nonce
 
     def material(self, lm: LoadedModel, session_id: str, batch: int, purpose: str) -> PartyBundle:
         """This session's dealer material: a prefetched set if the dealer binds one, else fetched."""
@@ -239,13 +283,30 @@ class PartyServer:
         return bundle_from_bytes(got[1], party_id=self.party_id)
 
     def _dealer_call(self, fn: Any, lm: LoadedModel) -> Any:
-        """Call the dealer; after a dealer restart (NOT_FOUND) re-register once and retry."""
+        """Call the dealer; after a dealer restart (NOT_FOUND) re-register once and retry.
+
+        The re-registration sends the deployment's stored seed nonce, so the dealer
+        re-derives the same masks; if it answers with another seed than the stored one
+        (e.g. its master key was replaced) this raises
+        :class:`~secureinfer.errors.IntegrityError` instead of computing with wrong masks.
+        """
+        import hmac
+
+        from secureinfer.errors import IntegrityError
+
         for attempt in (0, 1):
             try:
                 return fn()
             except grpc.RpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND and attempt == 0:
-                    self.register_with_dealer(lm.record.deployment_id, lm.record.graph_json)
+                    rec = lm.record
+                    seed, _ = self.register_with_dealer(rec.deployment_id, rec.graph_json, nonce=rec.seed_nonce)
+                    if not hmac.compare_digest(seed, rec.model_seed):
+                        raise IntegrityError(
+                            f"party {self.party_id}: the dealer re-derived another mask seed for deployment "
+                            f"{rec.deployment_id} (was its master key replaced?); deploy the model again"
+                        ) from None
+                    self.log.info("dealer_reregistered", deployment=rec.deployment_id)
                     continue
                 raise tls.error_from_rpc_error(err, peer=f"dealer at {self.topology.dealer.address}") from None
         raise ProtocolError("unreachable")
@@ -339,26 +400,57 @@ class PartyServer:
         return resp
 
     def debit(self, client: str, lm: LoadedModel, request_id: str, rows: int) -> dict[str, str]:
-        """Charge a DP request to the client's budget (committed before any release)."""
+        """Charge a DP request to the client's budget (committed and fsync'd before any release).
+
+        Guarantees: this returns only after a *new* debit for ``request_id`` is durable in
+        this party's ledger, so every release of fresh noise is paid for once. A request
+        id this party ever debited before -- any client, any model, before or after a
+        restart of this party or of the dealer -- is refused with
+        :class:`~secureinfer.errors.AlreadyExistsError` (ALREADY_EXISTS) and charges
+        nothing; the caller runs no MPC for it. An exhausted budget raises
+        :class:`~secureinfer.errors.BudgetExhaustedError`.
+        """
+        from secureinfer.errors import AlreadyExistsError
+
         if lm.dp is None:
             raise ProtocolError(f"model {lm.record.name!r} has no DP policy")
         key = f"{client}/{lm.record.name}"
         if key not in self.ledger.clients():
             self.ledger.set_budget(key, epsilon=lm.dp.budget_epsilon, delta=lm.dp.budget_delta)
-        d = self.ledger.reserve(key, request_id, lm.dp.cost(rows))
+        try:
+            d = self.ledger.reserve(key, request_id, lm.dp.cost(rows))  # refuses a replayed id
+        except AlreadyExistsError:
+            raise AlreadyExistsError(
+                f"party {self.party_id}: request id {request_id!r} was already used; use a fresh id"
+            ) from None
         self.log.info("dp_debit", client=client, model=lm.record.name, request=request_id,
                       spent=round(d.spent_epsilon, 6), remaining=round(d.remaining_epsilon, 6))
         return {"dp.epsilon_spent": f"{d.spent_epsilon:.6g}", "dp.epsilon_remaining": f"{d.remaining_epsilon:.6g}"}
 
     # ------------------------------------------------------------------ deployment
     def deploy(self, header: party_pb2.DeployHeader, payload: bytes) -> party_pb2.DeployResponse:
+        """Deploy this party's weight shares under a fresh deployment id.
+
+        Guarantees: a deployment id is accepted once per party, ever -- an id this party
+        saw before (deployed, failed, removed, or replaced) is refused with
+        :class:`~secureinfer.errors.AlreadyExistsError` before the dealer is contacted or
+        anything is opened (durable tombstone, :meth:`ModelStore.claim_deployment`). The
+        masks ``B`` come from seeds the dealer derives with a fresh random nonce; the
+        parties check in one round that they all got the same nonce before opening
+        ``E = W - B``. ``replace`` overwrites the same name and version under the new id
+        and releases the replaced deployment at the dealer.
+        """
+        import hashlib
+        import hmac
+
+        from secureinfer.errors import AlreadyExistsError
+
         name = check_name("model name", header.name)
         version = check_name("version", header.version or "1")
-        if not _RID_RE.match(header.deployment_id):
+        dep = header.deployment_id
+        if not _RID_RE.match(dep):
             raise InvalidArgumentError("deployment_id must be 1..64 characters of [A-Za-z0-9_-]")
         if self.store.exists(name, version) and not header.replace:
-            from secureinfer.errors import AlreadyExistsError
-
             raise AlreadyExistsError(
                 f"model {name} version {version} is already deployed; use a new version or replace"
             )
@@ -366,21 +458,39 @@ class PartyServer:
         shares = _parse_weight_shares(payload, graph)
         out_dim = compile_plan(graph, batch=1, n_parties=self.n).output_shape[-1]
         DpPolicy.from_parameters(dict(header.parameters), frac_bits=graph.frac_bits, dim=out_dim, n_parties=self.n)
-        sid = f"deploy/{header.deployment_id}"
+        try:  # durable, atomic; the id stays used even if this deploy fails below
+            self.store.claim_deployment(dep, name=name, version=version)
+        except AlreadyExistsError as exc:
+            raise AlreadyExistsError(f"party {self.party_id}: {exc}") from None
+        sid = f"deploy/{dep}"
         session = Session(party_id=self.party_id, n_parties=self.n, session_id=sid, transport=self.transport,
                           timeout=self.settings.rpc_timeout_s, deadline=time.monotonic() + self.settings.request_timeout_s)
         try:
-            seed = self.register_with_dealer(header.deployment_id, header.graph)
+            seed, nonce = self.register_with_dealer(dep, header.graph)
+            # a dealer restart between two parties' registrations would give them seeds of
+            # different nonces (inconsistent masks): compare before anything is opened
+            tag = hashlib.sha256(b"secureinfer/v1/deploy-nonce\0" + dep.encode() + b"\0" + nonce).digest()
+            if any(not hmac.compare_digest(t, tag) for t in session.exchange({p: tag for p in session.peers}).values()):
+                raise ProtocolError(f"party {self.party_id}: the parties got mask seeds of different nonces for "
+                                    f"deployment {dep} (did the dealer restart during the deploy?); deploy again")
             masks, diffs = open_masks(session, graph, shares, PartyBundle(self.party_id, seed))
         except BaseException as exc:
             self.transport.abort(sid, f"party {self.party_id}: {exc}")
             raise
         finally:
             self.transport.close_session(sid)
-        rec = ModelRecord(name, version, header.deployment_id, ModelStore.now(), bytes(header.graph), seed, shares,
-                          diffs, dict(header.parameters))
+        rec = ModelRecord(name, version, dep, ModelStore.now(), bytes(header.graph), seed, shares,
+                          diffs, dict(header.parameters), seed_nonce=nonce)
+        with self._lock:
+            old = self._models.get((name, version))
         self.store.save(rec, replace=header.replace)
         self._install(rec)
+        if old is not None and old.record.deployment_id != dep:
+            try:  # the replaced deployment's masks are no longer needed
+                self.dealer.Release(dealer_pb2.ReleaseRequest(deployment_id=old.record.deployment_id),
+                                    timeout=self.settings.rpc_timeout_s)
+            except grpc.RpcError:
+                pass  # the dealer forgets deployments on restart anyway
         c = session.costs
         self.log.info("deployed", model=name, version=version, deployment=header.deployment_id, bytes=c.bytes_sent)
         return party_pb2.DeployResponse(
@@ -435,6 +545,8 @@ class PartyServer:
         return resp
 
     def remove(self, name: str, version: str) -> None:
+        """Stop serving and delete a model; its deployment id stays used (tombstone kept),
+        so a later deploy under the same id is refused."""
         lm = self.model(name, version)
         self.store.remove(lm.record.name, lm.record.version)
         with self._lock:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from secureinfer.v1 import common_pb2 as secureinfer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecureinfer/v1/dealer.proto\x12\x0esecureinfer.v1\x1a\x1bsecureinfer/v1/common.proto\"a\n\x14RegisterModelRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\r\n\x05graph\x18\x02 \x01(\x0c\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\x11\n\tn_parties\x18\x04 \x01(\r\"A\n\x15RegisterModelResponse\x12\x14\n\x0cgraph_sha256\x18\x01 \x01(\x0c\x12\x12\n\nmodel_seed\x18\x02 \x01(\x0c\"k\n\x0c\x46\x65tchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"W\n\rMaterialChunk\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06set_id\x18\x04 \x01(\t\"\xe6\x01\n\x06\x42undle\x12\x34\n\x07tensors\x18\x01 \x03(\x0b\x32#.secureinfer.v1.Bundle.TensorsEntry\x12\x30\n\x05\x62lobs\x18\x02 \x03(\x0b\x32!.secureinfer.v1.Bundle.BlobsEntry\x1a\x46\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.secureinfer.v1.Tensor:\x02\x38\x01\x1a,\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x0eReleaseRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0e\n\x0cStatsRequest\"\x7f\n\rStatsResponse\x12=\n\x08\x63ounters\x18\x01 \x03(\x0b\x32+.secureinfer.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"~\n\x0fPrefetchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08party_id\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x0c\n\x04held\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfirm_only\x18\x06 \x01(\x08\"j\n\x0b\x42indRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"\x1e\n\x0c\x42indResponse\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"!\n\rForgetRequest\x12\x10\n\x08party_id\x18\x01 \x01(\r\"!\n\x0e\x46orgetResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r2\xef\x04\n\x06\x44\x65\x61ler\x12S\n\nServerLive\x12!.secureinfer.v1.ServerLiveRequest\x1a\".secureinfer.v1.ServerLiveResponse\x12\\\n\rRegisterModel\x12$.secureinfer.v1.RegisterModelRequest\x1a%.secureinfer.v1.RegisterModelResponse\x12\x46\n\x05\x46\x65tch\x12\x1c.secureinfer.v1.FetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12L\n\x08Prefetch\x12\x1f.secureinfer.v1.PrefetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12\x41\n\x04\x42ind\x12\x1b.secureinfer.v1.BindRequest\x1a\x1c.secureinfer.v1.BindResponse\x12J\n\x07Release\x12\x1e.secureinfer.v1.ReleaseRequest\x1a\x1f.secureinfer.v1.ReleaseResponse\x12G\n\x06\x46orget\x12\x1d.secureinfer.v1.ForgetRequest\x1a\x1e.secureinfer.v1.ForgetResponse\x12\x44\n\x05Stats\x12\x1c.secureinfer.v1.StatsRequest\x1a\x1d.secureinfer.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecureinfer/v1/dealer.proto\x12\x0esecureinfer.v1\x1a\x1bsecureinfer/v1/common.proto\"p\n\x14RegisterModelRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\r\n\x05graph\x18\x02 \x01(\x0c\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\x11\n\tn_parties\x18\x04 \x01(\r\x12\r\n\x05nonce\x18\x05 \x01(\x0c\"P\n\x15RegisterModelResponse\x12\x14\n\x0cgraph_sha256\x18\x01 \x01(\x0c\x12\x12\n\nmodel_seed\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"k\n\x0c\x46\x65tchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"W\n\rMaterialChunk\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06set_id\x18\x04 \x01(\t\"\xe6\x01\n\x06\x42undle\x12\x34\n\x07tensors\x18\x01 \x03(\x0b\x32#.secureinfer.v1.Bundle.TensorsEntry\x12\x30\n\x05\x62lobs\x18\x02 \x03(\x0b\x32!.secureinfer.v1.Bundle.BlobsEntry\x1a\x46\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.secureinfer.v1.Tensor:\x02\x38\x01\x1a,\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x0eReleaseRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0e\n\x0cStatsRequest\"\x7f\n\rStatsResponse\x12=\n\x08\x63ounters\x18\x01 \x03(\x0b\x32+.secureinfer.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"~\n\x0fPrefetchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08party_id\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x0c\n\x04held\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfirm_only\x18\x06 \x01(\x08\"j\n\x0b\x42indRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"\x1e\n\x0c\x42indResponse\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"!\n\rForgetRequest\x12\x10\n\x08party_id\x18\x01 \x01(\r\"!\n\x0e\x46orgetResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r2\xef\x04\n\x06\x44\x65\x61ler\x12S\n\nServerLive\x12!.secureinfer.v1.ServerLiveRequest\x1a\".secureinfer.v1.ServerLiveResponse\x12\\\n\rRegisterModel\x12$.secureinfer.v1.RegisterModelRequest\x1a%.secureinfer.v1.RegisterModelResponse\x12\x46\n\x05\x46\x65tch\x12\x1c.secureinfer.v1.FetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12L\n\x08Prefetch\x12\x1f.secureinfer.v1.PrefetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12\x41\n\x04\x42ind\x12\x1b.secureinfer.v1.BindRequest\x1a\x1c.secureinfer.v1.BindResponse\x12J\n\x07Release\x12\x1e.secureinfer.v1.ReleaseRequest\x1a\x1f.secureinfer.v1.ReleaseResponse\x12G\n\x06\x46orget\x12\x1d.secureinfer.v1.ForgetRequest\x1a\x1e.secureinfer.v1.ForgetResponse\x12\x44\n\x05Stats\x12\x1c.secureinfer.v1.StatsRequest\x1a\x1d.secureinfer.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,39 +39,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSRESPONSE_COUNTERSENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_options = b'8\001'
   _globals['_REGISTERMODELREQUEST']._serialized_start=76
-  _globals['_REGISTERMODELREQUEST']._serialized_end=173
-  _globals['_REGISTERMODELRESPONSE']._serialized_start=175
-  _globals['_REGISTERMODELRESPONSE']._serialized_end=240
-  _globals['_FETCHREQUEST']._serialized_start=242
-  _globals['_FETCHREQUEST']._serialized_end=349
-  _globals['_MATERIALCHUNK']._serialized_start=351
-  _globals['_MATERIALCHUNK']._serialized_end=438
-  _globals['_BUNDLE']._serialized_start=441
-  _globals['_BUNDLE']._serialized_end=671
-  _globals['_BUNDLE_TENSORSENTRY']._serialized_start=555
-  _globals['_BUNDLE_TENSORSENTRY']._serialized_end=625
-  _globals['_BUNDLE_BLOBSENTRY']._serialized_start=627
-  _globals['_BUNDLE_BLOBSENTRY']._serialized_end=671
-  _globals['_RELEASEREQUEST']._serialized_start=673
-  _globals['_RELEASEREQUEST']._serialized_end=712
-  _globals['_RELEASERESPONSE']._serialized_start=714
-  _globals['_RELEASERESPONSE']._serialized_end=731
-  _globals['_STATSREQUEST']._serialized_start=733
-  _globals['_STATSREQUEST']._serialized_end=747
-  _globals['_STATSRESPONSE']._serialized_start=749
-  _globals['_STATSRESPONSE']._serialized_end=876
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=829
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=876
-  _globals['_PREFETCHREQUEST']._serialized_start=878
-  _globals['_PREFETCHREQUEST']._serialized_end=1004
-  _globals['_BINDREQUEST']._serialized_start=1006
-  _globals['_BINDREQUEST']._serialized_end=1112
-  _globals['_BINDRESPONSE']._serialized_start=1114
-  _globals['_BINDRESPONSE']._serialized_end=1144
-  _globals['_FORGETREQUEST']._serialized_start=1146
-  _globals['_FORGETREQUEST']._serialized_end=1179
-  _globals['_FORGETRESPONSE']._serialized_start=1181
-  _globals['_FORGETRESPONSE']._serialized_end=1214
-  _globals['_DEALER']._serialized_start=1217
-  _globals['_DEALER']._serialized_end=1840
+  _globals['_REGISTERMODELREQUEST']._serialized_end=188
+  _globals['_REGISTERMODELRESPONSE']._serialized_start=190
+  _globals['_REGISTERMODELRESPONSE']._serialized_end=270
+  _globals['_FETCHREQUEST']._serialized_start=272
+  _globals['_FETCHREQUEST']._serialized_end=379
+  _globals['_MATERIALCHUNK']._serialized_start=381
+  _globals['_MATERIALCHUNK']._serialized_end=468
+  _globals['_BUNDLE']._serialized_start=471
+  _globals['_BUNDLE']._serialized_end=701
+  _globals['_BUNDLE_TENSORSENTRY']._serialized_start=585
+  _globals['_BUNDLE_TENSORSENTRY']._serialized_end=655
+  _globals['_BUNDLE_BLOBSENTRY']._serialized_start=657
+  _globals['_BUNDLE_BLOBSENTRY']._serialized_end=701
+  _globals['_RELEASEREQUEST']._serialized_start=703
+  _globals['_RELEASEREQUEST']._serialized_end=742
+  _globals['_RELEASERESPONSE']._serialized_start=744
+  _globals['_RELEASERESPONSE']._serialized_end=761
+  _globals['_STATSREQUEST']._serialized_start=763
+  _globals['_STATSREQUEST']._serialized_end=777
+  _globals['_STATSRESPONSE']._serialized_start=779
+  _globals['_STATSRESPONSE']._serialized_end=906
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=859
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=906
+  _globals['_PREFETCHREQUEST']._serialized_start=908
+  _globals['_PREFETCHREQUEST']._serialized_end=1034
+  _globals['_BINDREQUEST']._serialized_start=1036
+  _globals['_BINDREQUEST']._serialized_end=1142
+  _globals['_BINDRESPONSE']._serialized_start=1144
+  _globals['_BINDRESPONSE']._serialized_end=1174
+  _globals['_FORGETREQUEST']._serialized_start=1176
+  _globals['_FORGETREQUEST']._serialized_end=1209
+  _globals['_FORGETRESPONSE']._serialized_start=1211
+  _globals['_FORGETRESPONSE']._serialized_end=1244
+  _globals['_DEALER']._serialized_start=1247
+  _globals['_DEALER']._serialized_end=1870
 # @@protoc_insertion_point(module_scope)

@@ -8,24 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterModelRequest(_message.Message):
-    __slots__ = ("deployment_id", "graph", "party_id", "n_parties")
+    __slots__ = ("deployment_id", "graph", "party_id", "n_parties", "nonce")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPH_FIELD_NUMBER: _ClassVar[int]
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     N_PARTIES_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     graph: bytes
     party_id: int
     n_parties: int
-    def __init__(self, deployment_id: _Optional[str] = ..., graph: _Optional[bytes] = ..., party_id: _Optional[int] = ..., n_parties: _Optional[int] = ...) -> None: ...
+    nonce: bytes
+    def __init__(self, deployment_id: _Optional[str] = ..., graph: _Optional[bytes] = ..., party_id: _Optional[int] = ..., n_parties: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class RegisterModelResponse(_message.Message):
-    __slots__ = ("graph_sha256", "model_seed")
+    __slots__ = ("graph_sha256", "model_seed", "nonce")
     GRAPH_SHA256_FIELD_NUMBER: _ClassVar[int]
     MODEL_SEED_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     graph_sha256: bytes
     model_seed: bytes
-    def __init__(self, graph_sha256: _Optional[bytes] = ..., model_seed: _Optional[bytes] = ...) -> None: ...
+    nonce: bytes
+    def __init__(self, graph_sha256: _Optional[bytes] = ..., model_seed: _Optional[bytes] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("deployment_id", "session_id", "party_id", "batch", "purpose")

@@ -35,8 +35,8 @@ def _fetch(core: DealerCore, dep: str, sess: str, party: int, *, batch: int = 3,
 def test_material_is_served_once_per_party_and_session() -> None:
     core = DealerCore(master_key=os.urandom(32), pool_size=0)
     g = _graph_json()
-    _, s0 = core.register("dep1", g, party_id=0, n_parties=2)
-    _, s1 = core.register("dep1", g, party_id=1, n_parties=2)
+    s0 = core.register("dep1", g, party_id=0, n_parties=2).seed
+    s1 = core.register("dep1", g, party_id=1, n_parties=2).seed
     assert s0 != s1
     id0, b0 = _fetch(core, "dep1", "sess", 0)
     id1, b1 = _fetch(core, "dep1", "sess", 1)
@@ -88,9 +88,11 @@ def test_prefetch_then_bind_uses_a_set_every_party_holds() -> None:
 def test_model_seeds_survive_dealer_restart_and_graph_must_match() -> None:
     key = os.urandom(32)
     g = _graph_json()
-    _, s = DealerCore(master_key=key, pool_size=0).register("d", g, party_id=1, n_parties=2)
-    _, s2 = DealerCore(master_key=key, pool_size=0).register("d", g, party_id=1, n_parties=2)
-    assert s == s2
+    first = DealerCore(master_key=key, pool_size=0).register("d", g, party_id=1, n_parties=2)
+    # a restarted dealer re-derives the seeds from the nonce the party stored (issue 14,
+    # finding 4: never from the deployment id alone)
+    again = DealerCore(master_key=key, pool_size=0).register("d", g, party_id=1, n_parties=2, nonce=first.nonce)
+    assert again.seed == first.seed and again.nonce == first.nonce
     core = DealerCore(master_key=key, pool_size=0)
     core.register("d", g, party_id=0, n_parties=2)
     other = from_torch(nn.Sequential(nn.Linear(6, 2)), (1, 6)).public_json()

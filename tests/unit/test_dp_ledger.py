@@ -42,16 +42,26 @@ def test_reserve_until_exhausted(ledger: BudgetLedger) -> None:
     assert ledger.spent("bob") == 0.0 and ledger.remaining("bob") == 1.0  # default budget
 
 
-def test_idempotent_on_request_id(ledger: BudgetLedger) -> None:
+def test_a_request_id_is_debited_once_and_a_replay_is_refused(ledger: BudgetLedger) -> None:
     ev = A.laplace_event(scale=4, sensitivity=1)
     first = ledger.reserve("alice", "r1", ev)
-    again = ledger.reserve("alice", "r1", ev)
+    assert not first.replayed
+    with pytest.raises(AlreadyExistsError, match="was already used; use a fresh id") as info:
+        ledger.reserve("alice", "r1", ev)  # same client, same cost: still refused (finding 2)
+    assert info.value.grpc_code == "ALREADY_EXISTS"
+    assert ledger.spent("alice") == pytest.approx(0.25) and len(ledger.debits("alice")) == 1
+
+
+def test_idempotent_on_request_id(ledger: BudgetLedger) -> None:
+    ev = A.laplace_event(scale=4, sensitivity=1)
+    first = ledger.reserve("alice", "r1", ev, idempotent=True)
+    again = ledger.reserve("alice", "r1", ev, idempotent=True)
     assert again.replayed and not first.replayed
     assert ledger.spent("alice") == pytest.approx(0.25)
     with pytest.raises(AlreadyExistsError):
-        ledger.reserve("alice", "r1", A.laplace_event(scale=2, sensitivity=1))
+        ledger.reserve("alice", "r1", A.laplace_event(scale=2, sensitivity=1), idempotent=True)
     with pytest.raises(AlreadyExistsError):
-        ledger.reserve("mallory", "r1", ev)
+        ledger.reserve("mallory", "r1", ev, idempotent=True)
     assert ledger.spent("alice") == pytest.approx(0.25)
 
 
@@ -104,7 +114,10 @@ def test_persisted_in_wal_with_full_sync(tmp_path: Path) -> None:
     raw.close()
     with BudgetLedger(path, default_budget=Budget(2.0, 1e-6)) as led:
         assert led.spent("alice") == pytest.approx(0.5)
-        assert led.reserve("alice", "a", A.pure_event(0.5)).replayed
+        with pytest.raises(AlreadyExistsError):  # the used id outlives the process
+            led.reserve("alice", "a", A.pure_event(0.5))
+        assert led.reserve("alice", "a", A.pure_event(0.5), idempotent=True).replayed
+        assert led.spent("alice") == pytest.approx(0.5)
 
 
 def _child(code: str) -> subprocess.Popen[str]:
