@@ -32,11 +32,18 @@ from secureinfer.graph.ir import Node
 from secureinfer.protocols.arith import linear_fixed, linear_offline, truncate
 from secureinfer.protocols.compare import (
     DEFAULT_INT_BITS,
-    argmax_material_shapes,
+    argmax_material,
     argmax_onehot,
+    argmax_rounds,
+    clip,
+    clip_material,
+    clip_rounds,
     gate,
     gate_params,
+    gate_rounds,
     max_pair,
+    max_pair_material,
+    max_pair_rounds,
 )
 from secureinfer.protocols.session import Session
 
@@ -64,13 +71,6 @@ class FixedOperand:
     local: Any
     raw_public: torch.Tensor
     raw_local: torch.Tensor
-
-
-def gate_rounds(method: str, scale: int) -> int:
-    if method == "fss":
-        return 1
-    ell, cut = gate_params(scale)
-    return 2 + max(0, (ell - cut - 1).bit_length())
 
 
 class SecureOp:
@@ -293,7 +293,7 @@ class Relu(SecureOp):
 
 @register
 class Clip(SecureOp):
-    """``clip(x, -C, C)``: ``y = x - ReLU(x - C)``, then ``y + ReLU(-C - y)``. Two gates."""
+    """``clip(x, -C, C)`` for any ring value (protocols.compare.clip): two full-range gates."""
 
     op = "clip"
 
@@ -301,22 +301,14 @@ class Clip(SecureOp):
         return ValueSpec(ins[0].shape, ins[0].scale)
 
     def material(self, b, name, node, ins, out, ctx, masks) -> None:
-        ell, cut = gate_params(ins[0].scale)
-        for k in ("hi", "lo"):
-            gate_material(b, f"{name}/{k}", shape=ins[0].shape, ell=ell, cut=cut, payload="relu", frac=0,
-                          method=ctx.method)
+        clip_material(b, name, shape=ins[0].shape, scale=ins[0].scale, method=ctx.method)
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
-        c = round(node.attrs["bound"] * 2 ** ins[0].scale)
-        pub = c if s.party_id == 0 else 0
-        x = xs[0]
-        y = x - gate(s, x - pub, bundle=bundle, name=f"{name}/hi", payload="relu", scale=ins[0].scale,
-                     method=ctx.method)
-        return y + gate(s, -pub - y, bundle=bundle, name=f"{name}/lo", payload="relu", scale=ins[0].scale,
-                        method=ctx.method)
+        bound = round(node.attrs["bound"] * 2 ** ins[0].scale)
+        return clip(s, xs[0], bound=bound, bundle=bundle, name=name, scale=ins[0].scale, method=ctx.method)
 
     def rounds(self, node, ins, ctx) -> int:
-        return 2 * gate_rounds(ctx.method, ins[0].scale)
+        return clip_rounds(ctx.method, ins[0].scale)
 
 
 @register
@@ -345,16 +337,13 @@ class Argmax(SecureOp):
 
     def material(self, b, name, node, ins, out, ctx, masks) -> None:
         shp = ins[0].shape
-        pairs, top = argmax_material_shapes(shp[:-1], shp[-1])
-        for sub, shape, sc in ((f"{name}/pairs", pairs, ins[0].scale), (f"{name}/top", top, 0)):
-            ell, cut = gate_params(sc)
-            gate_material(b, sub, shape=shape, ell=ell, cut=cut, payload="sign", frac=0, method=ctx.method)
+        argmax_material(b, name, batch_shape=shp[:-1], kdim=shp[-1], scale=ins[0].scale, method=ctx.method)
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
         return argmax_onehot(s, xs[0], bundle=bundle, name=name, scale=ins[0].scale, method=ctx.method)
 
     def rounds(self, node, ins, ctx) -> int:
-        return gate_rounds(ctx.method, ins[0].scale) + gate_rounds(ctx.method, 0)
+        return argmax_rounds(ctx.method, ins[0].scale)
 
 
 # ----------------------------------------------------------------------------- pooling
@@ -400,15 +389,14 @@ class MaxPool2d(SecureOp):
     def material(self, b, name, node, ins, out, ctx, masks) -> None:
         n, c, oh, ow = out.shape
         k = node.attrs["kernel_size"][0] * node.attrs["kernel_size"][1]
-        ell, cut = gate_params(ins[0].scale)
         for lvl, pairs in enumerate(self._levels(k)):
-            gate_material(b, f"{name}/l{lvl}", shape=(n * c, oh, ow, pairs), ell=ell, cut=cut, payload="relu",
-                          frac=0, method=ctx.method)
+            max_pair_material(b, f"{name}/l{lvl}", shape=(n * c, oh, ow, pairs), scale=ins[0].scale,
+                              method=ctx.method)
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
-        # max pooling pads with "minus infinity": the most negative value the gates compare
-        # exactly, added by party 0 only (a share of a public constant)
-        pad = -(1 << (ins[0].scale + DEFAULT_INT_BITS - 1)) if s.party_id == 0 else 0
+        # max pooling pads with "minus infinity": -2^15, the most negative value in range
+        # (max_pair compares differences of in-range values exactly), added by party 0 only
+        pad = -(1 << (ins[0].scale + DEFAULT_INT_BITS)) if s.party_id == 0 else 0
         win = _unfold_int(xs[0].reshape(-1, 1, *ins[0].shape[2:]), node, pad_value=pad)
         lvl = 0
         while win.shape[-1] > 1:
@@ -422,7 +410,7 @@ class MaxPool2d(SecureOp):
 
     def rounds(self, node, ins, ctx) -> int:
         k = node.attrs["kernel_size"][0] * node.attrs["kernel_size"][1]
-        return len(self._levels(k)) * gate_rounds(ctx.method, ins[0].scale)
+        return len(self._levels(k)) * max_pair_rounds(ctx.method, ins[0].scale)
 
 
 @register

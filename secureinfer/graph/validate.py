@@ -181,13 +181,14 @@ class StepCost:
     bytes_per_peer: int | None  # estimate; None when the op's traffic is unknown here
 
 
-def _gate_elements(method: str, scale: int, k: int) -> int:
-    """Elements one comparison gate opens per input element (see protocols.compare)."""
+def _gate_elements(method: str, scale: int, k: int, *, diff: bool = False) -> int:
+    """Elements one comparison gate opens per input element (see protocols.compare);
+    ``diff``: the gate compares a difference (max, argmax), one integer bit wider."""
     if method == "fss":
         return 1
-    from secureinfer.protocols.compare import gate_params
+    from secureinfer.protocols.compare import DEFAULT_INT_BITS, DIFF_INT_BITS, gate_params
 
-    ell, cut = gate_params(scale)
+    ell, cut = gate_params(scale, int_bits=DIFF_INT_BITS if diff else DEFAULT_INT_BITS)
     n = ell - cut
     opened, s = 1, 1
     while s < n:  # Hillis-Steele prefix products: one Beaver product of n - s pairs
@@ -208,13 +209,14 @@ def opened_elements(op: str, ins: list[tuple[int, ...]], out: tuple[int, ...], s
         k = attrs["kernel_size"][0] * attrs["kernel_size"][1]
         total, windows = 0, math.prod(out)
         while k > 1:
-            total += windows * (k // 2) * _gate_elements(method, scale_in, 2)
+            total += windows * (k // 2) * _gate_elements(method, scale_in, 2, diff=True)
             k -= k // 2
         return total
     if op == "argmax":
         kdim = ins[0][-1]
         rows = n_in // max(kdim, 1)
-        return rows * (kdim * (kdim - 1) // 2 * _gate_elements(method, scale_in, 1) + kdim * _gate_elements(method, 0, 1))
+        pairs = kdim * (kdim - 1) // 2 * _gate_elements(method, scale_in, 1, diff=True)
+        return rows * (pairs + kdim * _gate_elements(method, 0, 1))
     if op in ("add", "concat", "flatten", "reshape", "avgpool2d", "global_avgpool"):
         return 0
     return None

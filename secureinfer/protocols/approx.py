@@ -45,7 +45,7 @@ tanh        2 gates [x >= -5], [x >= 5]; Chebyshev interpolant deg    7 (13)   a
 sigmoid     as tanh: Chebyshev deg 31 on [-10, 10]; 0 / 1 outside     7 (13)   all x (saturates)  4.6e-5
 gelu        as tanh: Chebyshev deg 16 of x Phi(x) on [-4, 4];         6 (12)   all x              1.3e-4
             0 / x outside (exact erf GELU)
-softmax     max tree of ReLU gates, clamp x - max >= -256, exp,       16 +     any logits         5.2e-5
+softmax     max tree of ReLU gates, clamp x - max >= -256, exp,       16 +     |x| < 2^15         5.2e-5
             sum, reciprocal of the sum, product                       log2 K   (K <= 1024 tested)
 layernorm   mean (local), variance (masked squares), octave gate,     8 (15)   var in [0, 2^16],  1.3e-4
             rsqrt, product; no affine (a following channel_affine)             N <= 4096
@@ -72,7 +72,7 @@ from secureinfer import ring
 from secureinfer.dealer.material import BundleBuilder, PartyBundle, gate_material
 from secureinfer.errors import RangeError
 from secureinfer.protocols.arith import TRUNC_ELL
-from secureinfer.protocols.compare import default_method, gate, gate_params
+from secureinfer.protocols.compare import DIFF_INT_BITS, default_method, gate, gate_params, gate_rounds
 from secureinfer.protocols.session import Session
 
 __all__ = [
@@ -148,10 +148,7 @@ class _Eval:
 
     def gate_round_count(self, scale: int, int_bits: int) -> int:
         """Online rounds of one comparison gate (see protocols.compare)."""
-        if self.method == "fss":
-            return 1
-        ell, cut = gate_params(scale, int_bits=int_bits)
-        return 2 + (ell - cut - 1).bit_length()
+        return gate_rounds(self.method, scale, int_bits=int_bits)
 
 
 class _PartyEval(_Eval):
@@ -556,7 +553,8 @@ def _p_softmax(ev: Ev, x: torch.Tensor, scale: int, *, axis: int = -1, clamp: fl
                iters: int = 8) -> tuple[torch.Tensor, int]:
     """Softmax over ``axis``: ``e_i = exp(max(x_i - max, -clamp))``, ``e_i / sum e``.
 
-    Max: a tournament of ``max(a, b) = b + ReLU(a - b)`` gates (ceil(log2 K) gates). The
+    Max: a tournament of ``max(a, b) = b + ReLU(a - b)`` gates (ceil(log2 K) gates, on
+    differences, so with :data:`~secureinfer.protocols.compare.DIFF_INT_BITS`). The
     sum lies in [1, K]; its reciprocal comes from the octave normalization, whose product
     round also computes ``e_i 2^-j``, and 2 Newton steps. Rounds: ceil(log2 K) + 16."""
     v = x.movedim(axis, -1)
@@ -567,9 +565,11 @@ def _p_softmax(ev: Ev, x: torch.Tensor, scale: int, *, axis: int = -1, clamp: fl
     while mx.shape[-1] > 1:  # tournament of max gates: max(a, b) = b + ReLU(a - b)
         half = mx.shape[-1] // 2
         a, b = mx[..., :half], mx[..., half : 2 * half]
-        mx = torch.cat([b + ev.gate(a - b, payload="relu", scale=scale), mx[..., 2 * half :]], -1)
+        mx = torch.cat([b + ev.gate(a - b, payload="relu", scale=scale, int_bits=DIFF_INT_BITS),
+                        mx[..., 2 * half :]], -1)
     cl = round(clamp * 2.0**scale)
-    d = ev.pub(ev.gate(ev.pub(v - mx, cl), payload="relu", scale=scale), -cl)  # max(x - max, -clamp)
+    # max(x - max, -clamp); x - max is in (-2^16, 0] for inputs in range
+    d = ev.pub(ev.gate(ev.pub(v - mx, cl), payload="relu", scale=scale, int_bits=DIFF_INT_BITS), -cl)
     e = _exp_masked(ev, d, scale, iters)
     total = ev.plain(e).sum(-1, keepdim=True)  # in [1, k]
     nz = _normalize(ev, total, _S, 0, k.bit_length() - 1, root=1, other=(e, _S, 16))

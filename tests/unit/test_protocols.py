@@ -9,7 +9,14 @@ from secureinfer import ring
 from secureinfer.dealer.material import BundleBuilder, gate_material, linear_material, triple_material, trunc_material
 from secureinfer.prg import Prg
 from secureinfer.protocols.arith import beaver_mul, linear_fixed, truncate
-from secureinfer.protocols.compare import argmax_onehot, gate, gate_params, max_pair
+from secureinfer.protocols.compare import (
+    argmax_material,
+    argmax_onehot,
+    gate,
+    gate_params,
+    max_pair,
+    max_pair_material,
+)
 from secureinfer.sharing import reconstruct, share
 
 from .mpc import run_parties
@@ -119,13 +126,10 @@ def test_relu_and_relu_trunc(n: int) -> None:
 def test_max_and_argmax(n: int) -> None:
     real = torch.tensor([[0.5, -2.0, 3.25, 3.0], [-1.0, -0.5, -3.0, -0.75], [7.0, 7.5, -8.0, 0.0]])
     x = ring.encode(real, frac_bits=F)
-    ell, cut = gate_params(F)
     for method in _methods(n):
         b = BundleBuilder(n)
-        gate_material(b, "mx", shape=(3, 2), ell=ell, cut=cut, payload="relu", frac=0, method=method)
-        gate_material(b, "am/pairs", shape=(3, 6), ell=ell, cut=cut, payload="sign", frac=0, method=method)
-        e0, c0 = gate_params(0)
-        gate_material(b, "am/top", shape=(3, 4), ell=e0, cut=c0, payload="sign", frac=0, method=method)
+        max_pair_material(b, "mx", shape=(3, 2), scale=F, method=method)
+        argmax_material(b, "am", batch_shape=(3,), kdim=4, scale=F, method=method)
         xs = _shares(x, n)
 
         def party(s, bd):
