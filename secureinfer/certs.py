@@ -280,7 +280,8 @@ def subjects(topology: Topology) -> list[CertSubject]:
     missing: list[str] = []
     entries: list[tuple[str, str, Path | None, Path | None, tuple[str, ...]]] = []
     for p in topology.parties:
-        entries.append((p.name, p.role, p.cert, p.key, (split_address(p.address)[0],)))
+        hosts = dict.fromkeys(split_address(a)[0] for a in (p.address, p.data_address) if a)
+        entries.append((p.name, p.role, p.cert, p.key, tuple(hosts)))
     d = topology.dealer
     entries.append((d.name, d.role, d.cert, d.key, (split_address(d.address)[0],)))
     if topology.he is not None:

@@ -20,6 +20,8 @@ Schema (``parties/README.md`` has the same with examples)::
     tls = true                      # false = plaintext gRPC, for debugging only
     audits_per_hour = 30            # watermark audits one auditor may run per model per hour, >= 1
     max_client_requests = 16        # requests one client may have in flight on a party, >= 1
+    data_transport = "stream"       # party-to-party rounds: "stream" (framed mTLS socket on
+                                    # each party's data_address) or "grpc" (unary calls)
 
     [dealer]                        # required
     address = "127.0.0.1:50050"     # host:port, IPv6 as [::1]:50050
@@ -32,6 +34,7 @@ Schema (``parties/README.md`` has the same with examples)::
     [[party]]                       # at least 2; ids exactly 0..n-1
     id = 0
     address = "127.0.0.1:50051"
+    data_address = "127.0.0.1:50151"  # optional; default: the host of address, port + 100
     cert = "certs/party0.pem"
     key = "certs/party0.key"
     data_dir = "data/party0"        # model shares at rest
@@ -87,7 +90,7 @@ from typing import Any
 from secureinfer.errors import AlreadyExistsError, ConfigError
 
 __all__ = [
-    "ALL_ROLES", "CONFIG_ENV_VAR", "DEFAULT_IDENTITIES", "ENV_VARS", "ROLE_AUDITOR",
+    "ALL_ROLES", "CONFIG_ENV_VAR", "DATA_TRANSPORTS", "DEFAULT_IDENTITIES", "ENV_VARS", "ROLE_AUDITOR",
     "ROLE_CLIENT", "ROLE_DEALER", "ROLE_HE", "ROLE_OWNER", "ROLE_PARTY",
     "ClusterSettings", "DealerEntry", "HEEntry", "Identity", "PartyEntry", "Topology",
     "TopologyError", "config_path", "free_ports", "load_topology", "split_address",
@@ -103,6 +106,8 @@ ROLE_HE = "he"
 ALL_ROLES: tuple[str, ...] = (ROLE_PARTY, ROLE_DEALER, ROLE_OWNER, ROLE_CLIENT, ROLE_AUDITOR, ROLE_HE)
 
 CONFIG_ENV_VAR = "SECUREINFER_CONFIG"
+#: party-to-party data paths (``cluster.data_transport``), see secureinfer.transport
+DATA_TRANSPORTS = ("stream", "grpc")
 #: the largest batch of one request (rows); parties and dealer refuse more
 MAX_BATCH = 4096
 
@@ -118,6 +123,7 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "SECUREINFER_TLS": ("cluster", "tls"),
     "SECUREINFER_AUDITS_PER_HOUR": ("cluster", "audits_per_hour"),
     "SECUREINFER_MAX_CLIENT_REQUESTS": ("cluster", "max_client_requests"),
+    "SECUREINFER_DATA_TRANSPORT": ("cluster", "data_transport"),
     "SECUREINFER_DEALER_ADDRESS": ("dealer", "address"),
     "SECUREINFER_DEALER_POOL_SIZE": ("dealer", "pool_size"),
     "SECUREINFER_DEALER_MAX_POOL_BYTES": ("dealer", "max_pool_bytes"),
@@ -161,6 +167,7 @@ class ClusterSettings:
     tls: bool
     audits_per_hour: int = 30
     max_client_requests: int = 16
+    data_transport: str = "stream"
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,7 @@ class PartyEntry:
     key: Path | None
     data_dir: Path
     storage_key: Path
+    data_address: str = ""  # filled by the validator (default: address's host, port + 100)
     role: str = ROLE_PARTY
 
     @property
@@ -329,6 +337,7 @@ _CLUSTER_SPEC: dict[str, tuple[str, object]] = {
     "tls": ("bool", True),
     "audits_per_hour": ("int", 30),
     "max_client_requests": ("int", 16),
+    "data_transport": ("str", "stream"),
 }
 _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "address": ("address", _REQ),
@@ -341,6 +350,7 @@ _DEALER_SPEC: dict[str, tuple[str, object]] = {
 _PARTY_SPEC: dict[str, tuple[str, object]] = {
     "id": ("int", _REQ),
     "address": ("address", _REQ),
+    "data_address": ("address", None),
     "cert": ("path", None),
     "key": ("path", None),
     "data_dir": ("path", _REQ),
@@ -548,6 +558,9 @@ def _validate(
         problems.append(f"cluster.audits_per_hour must be in 1..1000000, got {c['audits_per_hour']}")
     if c["max_client_requests"] is not None and not 1 <= c["max_client_requests"] <= 100_000:
         problems.append(f"cluster.max_client_requests must be in 1..100000, got {c['max_client_requests']}")
+    if c["data_transport"] is not None and c["data_transport"] not in DATA_TRANSPORTS:
+        problems.append(f"cluster.data_transport must be one of {', '.join(DATA_TRANSPORTS)}, "
+                        f"got {c['data_transport']!r}")
     cluster_table = doc.get("cluster", {})
     if tls and isinstance(cluster_table, Mapping) and "ca_cert" not in cluster_table:
         problems.append("[cluster]: missing 'ca_cert' (required when tls = true)")
@@ -585,6 +598,8 @@ def _validate(
     for i, table in enumerate(raw_parties):
         p = _section(table, _PARTY_SPEC, f"party #{i + 1}", base, problems)
         need_cert(table, f"party #{i + 1}")
+        if p["data_address"] is None and p["address"] is not None:
+            p["data_address"] = _data_default(p["address"], problems, f"party #{i + 1}")
         parties.append(p)
     if len(parties) < 2:
         problems.append(f"need at least 2 [[party]] entries, found {len(parties)}")
@@ -622,7 +637,8 @@ def _validate(
         labelled.append(("dealer", d))
     if h is not None:
         labelled.append(("he", h))
-    _duplicates(problems, "address", [(lab, e["address"]) for lab, e in labelled])
+    _duplicates(problems, "address", [(lab, e["address"]) for lab, e in labelled]
+                + [(f"party {p['id']} (data)", p["data_address"]) for p in parties])
     files = [(lab, e[k]) for lab, e in labelled for k in ("cert", "key")]
     files += [(f"party {p['id']}", p["storage_key"]) for p in parties]
     files += [(f"identity {x['name']}", x[k]) for x in idents for k in ("cert", "key")]
@@ -640,6 +656,21 @@ def _validate(
         he=HEEntry(**h) if h is not None else None,
         identities=tuple(Identity(**x) for x in idents),
     )
+
+
+#: the default data port of a party is its gRPC port + this (``data_address`` overrides it)
+DATA_PORT_OFFSET = 100
+
+
+def _data_default(address: str, problems: list[str], where: str) -> str | None:
+    """``address`` with its port + :data:`DATA_PORT_OFFSET`: the default data address."""
+    host, port = split_address(address)
+    if port + DATA_PORT_OFFSET > 65535:
+        problems.append(f"[{where}]: address {address!r} leaves no port + {DATA_PORT_OFFSET} for the data path; "
+                        "set data_address")
+        return None
+    port += DATA_PORT_OFFSET
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _duplicates(problems: list[str], what: str, items: list[tuple[str, object]]) -> None:
@@ -685,12 +716,14 @@ def write_local_topology(
     include_he: bool = True,
     identities: Sequence[tuple[str, str]] = DEFAULT_IDENTITIES,
     overwrite: bool = False,
+    data_transport: str = "stream",
 ) -> Path:
     """Write a valid loopback topology file and return its path.
 
     Certificates go to ``base_dir/certs``, party data to ``base_dir/data/party<i>``; paths
-    are written relative to the file's directory. ``ports`` may give ``"dealer"``, ``"he"``
-    and party ports (keyed ``i`` or ``"party<i>"``); the rest are picked with
+    are written relative to the file's directory. ``ports`` may give ``"dealer"``, ``"he"``,
+    party ports (keyed ``i`` or ``"party<i>"``) and their data ports (``"party<i>.data"``);
+    the rest are picked with
     :func:`free_ports`. The file is loaded back (validated) before returning. Refuses to
     replace an existing file unless ``overwrite`` (AlreadyExistsError).
     """
@@ -701,10 +734,11 @@ def write_local_topology(
         raise ConfigError(f"n_parties must be at least 2, got {n_parties}")
     base = Path(base_dir).expanduser().resolve()
     given = dict(ports or {})
-    wanted = ["dealer", *(f"party{i}" for i in range(n_parties))] + (["he"] if include_he else [])
+    wanted = ["dealer", *(f"party{i}" for i in range(n_parties)), *(f"party{i}.data" for i in range(n_parties))]
+    wanted += ["he"] if include_he else []
     chosen: dict[str, int] = {}
     for key in wanted:
-        party_key = int(key[5:]) if key.startswith("party") else None
+        party_key = int(key[5:]) if key.startswith("party") and key[5:].isdigit() else None
         port = given.get(key, given.get(party_key) if party_key is not None else None)  # type: ignore[arg-type]
         if port is not None:
             chosen[key] = int(port)
@@ -736,6 +770,7 @@ def write_local_topology(
         f"max_message_bytes = {max_message_bytes}",
         f"chunk_bytes = {chunk_bytes}",
         f"tls = {_toml(tls)}",
+        f"data_transport = {_toml(data_transport)}",
         "",
         "[dealer]",
         f"address = {_toml(address['dealer'])}",
@@ -748,6 +783,7 @@ def write_local_topology(
             "[[party]]",
             f"id = {i}",
             f"address = {_toml(address[f'party{i}'])}",
+            f"data_address = {_toml(address[f'party{i}.data'])}",
             *cert_lines(f"party{i}"),
             f"data_dir = {_toml(rel(base / 'data' / f'party{i}'))}",
             f"storage_key = {_toml(rel(certs / f'party{i}.storage.key'))}",

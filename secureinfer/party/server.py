@@ -52,6 +52,7 @@ from secureinfer.protocols.session import Session
 from secureinfer.transport import tls
 from secureinfer.transport.codec import share_from_proto, tensor_to_proto
 from secureinfer.transport.grpc import GrpcTransport
+from secureinfer.transport.stream import StreamTransport
 from secureinfer.v1 import common_pb2, dealer_pb2, dealer_pb2_grpc, party_pb2, party_pb2_grpc
 from secureinfer.watermark.mpc import AUDIT_PREFIX
 
@@ -92,7 +93,12 @@ class PartyServer:
         self.n = topology.n_parties
         self.settings = topology.cluster
         self.log = Logger("party", party=party_id)
-        self.transport = GrpcTransport.from_topology(topology, party_id)
+        # party-to-party rounds: the framed mTLS stream (default) or unary gRPC calls
+        self.transport: StreamTransport | GrpcTransport
+        if self.settings.data_transport == "stream":
+            self.transport = StreamTransport.from_topology(topology, party_id)
+        else:
+            self.transport = GrpcTransport.from_topology(topology, party_id)
         self.store = ModelStore(self.me.data_dir, self.me.storage_key)
         self.ledger = BudgetLedger(Path(self.me.data_dir) / "dp-ledger.db", default_budget=None)
         self._insecure = not self.settings.tls
@@ -120,7 +126,8 @@ class PartyServer:
         )
         party_pb2_grpc.add_InferenceServicer_to_server(_Inference(self), self._server)
         party_pb2_grpc.add_ModelAdminServicer_to_server(_Admin(self), self._server)
-        self.transport.add_to_server(self._server)
+        if isinstance(self.transport, GrpcTransport):
+            self.transport.add_to_server(self._server)
         self._health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         self.port = tls.bind_server(self._server, self.me.address, settings=self.settings, cert=self.me.cert, key=self.me.key)
@@ -129,10 +136,13 @@ class PartyServer:
     def start(self) -> None:
         self._load_models()
         self._forget_prefetched()
+        if isinstance(self.transport, StreamTransport):
+            self.transport.start()
         self._server.start()
         self.cache.start()
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.log.info("listening", address=self.me.address, models=len(self._models))
+        self.log.info("listening", address=self.me.address, models=len(self._models),
+                      data_transport=self.settings.data_transport, data_address=self.me.data_address)
 
     def _forget_prefetched(self) -> None:
         """A fresh process holds no prefetched material: tell the dealer before serving."""

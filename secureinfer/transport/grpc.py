@@ -49,6 +49,7 @@ from secureinfer.errors import (
 )
 from secureinfer.transport.base import Transport
 from secureinfer.transport.codec import Reassembler, split_chunks
+from secureinfer.transport.mailbox import Mailbox
 from secureinfer.v1 import party_pb2, party_pb2_grpc
 
 if TYPE_CHECKING:
@@ -87,110 +88,6 @@ def tls_authenticator(*, insecure_metadata: bool = False) -> Authenticator:
         return ident.party_id
 
     return authenticate
-
-
-class _MailboxFull(TransportError):
-    """A receiver refuses a message because its bounded mailbox is full."""
-
-    grpc_code = "RESOURCE_EXHAUSTED"
-
-
-class _Box:
-    """One session's mailbox: messages keyed (step, sender), abort mark, waiter count."""
-
-    __slots__ = ("aborted", "cond", "messages", "size", "touched", "waiters")
-
-    def __init__(self, lock: threading.Lock, now: float) -> None:
-        self.cond = threading.Condition(lock)
-        self.messages: dict[tuple[int, int], bytes] = {}
-        self.aborted: str | None = None
-        self.size = 0
-        self.touched = now
-        self.waiters = 0
-
-
-class _Mailbox:
-    """Per-session mailboxes under one lock, bounded in bytes, sessions and idle time."""
-
-    def __init__(self, *, max_bytes: int, ttl_s: float, max_sessions: int) -> None:
-        self.max_bytes = max_bytes
-        self.ttl_s = ttl_s
-        self.max_sessions = max_sessions
-        self.lock = threading.Lock()
-        self.boxes: dict[str, _Box] = {}
-        self.size = 0
-        self._last_purge = time.monotonic()
-
-    def box(self, session_id: str, now: float) -> _Box:
-        """The box of ``session_id``, created if needed (caller holds the lock)."""
-        box = self.boxes.get(session_id)
-        if box is None:
-            if len(self.boxes) >= self.max_sessions:
-                self._purge(now, force=True)
-                if len(self.boxes) >= self.max_sessions:
-                    raise _MailboxFull(f"too many open sessions ({len(self.boxes)})")
-            box = self.boxes[session_id] = _Box(self.lock, now)
-        box.touched = now
-        return box
-
-    def put(self, session_id: str, step: int, sender: int, payload: bytes) -> None:
-        now = time.monotonic()
-        with self.lock:
-            self._purge(now)
-            box = self.box(session_id, now)
-            old = box.messages.get((step, sender))
-            if old is not None:
-                if old == payload:
-                    return  # a retransmission of the same message: idempotent
-                raise ProtocolError(
-                    f"conflicting duplicate message from party {sender} "
-                    f"(session {session_id}, step {step})"
-                )
-            if self.size + len(payload) > self.max_bytes:
-                self._purge(now, force=True)
-                if self.size + len(payload) > self.max_bytes:
-                    raise _MailboxFull(
-                        f"mailbox full: {self.size} of {self.max_bytes} bytes held, "
-                        f"message of {len(payload)} bytes refused"
-                    )
-            box.messages[(step, sender)] = payload
-            box.size += len(payload)
-            self.size += len(payload)
-            box.cond.notify_all()
-
-    def abort(self, session_id: str, reason: str) -> None:
-        with self.lock:
-            box = self.box(session_id, time.monotonic())
-            if box.aborted is None:
-                box.aborted = reason
-            box.cond.notify_all()
-
-    def close(self, session_id: str) -> None:
-        with self.lock:
-            box = self.boxes.pop(session_id, None)
-            if box is not None:
-                self.size -= box.size
-                box.aborted = box.aborted or "session closed"
-                box.cond.notify_all()
-
-    def _purge(self, now: float, *, force: bool = False) -> None:
-        """Drop sessions nobody waits on that were idle longer than the TTL (lock held)."""
-        if not force and now - self._last_purge < min(1.0, self.ttl_s):
-            return
-        self._last_purge = now
-        stale = [
-            sid
-            for sid, b in self.boxes.items()
-            if b.waiters == 0 and now - b.touched > self.ttl_s
-        ]
-        for sid in stale:
-            box = self.boxes.pop(sid)
-            self.size -= box.size
-            if box.messages:
-                log.warning(
-                    "dropped %d unclaimed message(s) of session %s after %.0fs",
-                    len(box.messages), sid, self.ttl_s,
-                )
 
 
 def _abort_rpc(context: grpc.ServicerContext, exc: SecureInferError) -> None:
@@ -305,7 +202,7 @@ class GrpcTransport(Transport):
         }
         options.update(dict(channel_options))
         self._options = list(options.items())
-        self._mailbox = _Mailbox(max_bytes=mailbox_bytes, ttl_s=mailbox_ttl_s, max_sessions=max_sessions)
+        self._mailbox = Mailbox(max_bytes=mailbox_bytes, ttl_s=mailbox_ttl_s, max_sessions=max_sessions)
         self._reassembler = Reassembler(max_bytes=mailbox_bytes, max_age_s=mailbox_ttl_s)
         self._lock = threading.Lock()
         self._channels: dict[int, grpc.Channel] = {}
@@ -492,30 +389,10 @@ class GrpcTransport(Transport):
     def recv(self, session_id: str, step: int, src: int, *, timeout: float) -> bytes:
         if not 0 <= src < self.n_parties or src == self.party_id:
             raise InvalidArgumentError(f"party {src} is not a peer of party {self.party_id}")
-        mb = self._mailbox
-        deadline = time.monotonic() + timeout
-        with mb.lock:
-            box = mb.box(session_id, time.monotonic())
-            box.waiters += 1
-            try:
-                while True:
-                    msg = box.messages.pop((step, src), None)
-                    if msg is not None:
-                        box.size -= len(msg)
-                        mb.size -= len(msg)
-                        return msg
-                    if box.aborted is not None:
-                        raise PeerUnavailableError(box.aborted)
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise DeadlineExceededError(
-                            f"party {self.party_id} timed out after {timeout:.1f}s waiting for "
-                            f"{self._peer(src)} (session {session_id}, step {step})"
-                        )
-                    box.cond.wait(left)
-            finally:
-                box.waiters -= 1
-                box.touched = time.monotonic()
+        return self._mailbox.take(
+            session_id, step, src, timeout=timeout,
+            describe=lambda: f"party {self.party_id} timed out waiting for {self._peer(src)}",
+        )
 
     def abort(self, session_id: str, reason: str, *, notify_peers: bool = True) -> None:
         self._mailbox.abort(session_id, f"session {session_id} aborted: {reason}")

@@ -8,6 +8,10 @@
   from ``cluster.max_message_bytes`` on both ends, keepalive suited to long-lived
   party-to-party channels, fast reconnect after a peer restarts, no HTTP proxy, and (on the
   server) no ``SO_REUSEPORT`` so that a port already taken is an error, not a silent share.
+* :func:`socket_contexts` makes the same mutual TLS for the raw party-to-party data
+  stream (:mod:`secureinfer.transport.stream`): TLS 1.3, client certificate required,
+  only the cluster CA trusted, hostname checked; :func:`socket_peer_identity` reads the
+  verified peer certificate of such a socket.
 * :func:`open_channel` / :func:`bind_server` pick secure or plaintext from
   ``cluster.tls``. Plaintext exists only when a topology says ``tls = false`` (debugging).
 * Roles: :func:`peer_identity` reads the verified peer certificate from the call's auth
@@ -25,8 +29,8 @@ local debugging only and provides no security at all.
 from __future__ import annotations
 
 import functools
-
 import os
+import ssl
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
@@ -59,6 +63,8 @@ __all__ = [
     "require_role",
     "server_credentials",
     "server_options",
+    "socket_contexts",
+    "socket_peer_identity",
 ]
 
 IDENTITY_METADATA_KEY = "x-secureinfer-identity"
@@ -191,6 +197,48 @@ def bind_server(
     if not port:
         raise ConfigError(f"cannot listen on {address} (port in use?)")
     return int(port)
+
+
+def socket_contexts(
+    settings: ClusterSettings, *, cert: PathLike | None, key: PathLike | None
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """``(server, client)`` SSL contexts for a mutually authenticated TLS 1.3 socket.
+
+    Both present ``cert``/``key`` and trust only the cluster CA; the server requires a
+    client certificate, the client checks the server's hostname against its SANs. The
+    server sends no session tickets, so after the handshake a client socket receives
+    nothing (a readable client socket means the peer closed it).
+    """
+    if settings.ca_cert is None:
+        raise ConfigError("tls = true but cluster.ca_cert is not set")
+    cert_p, key_p = _need(cert, "certificate"), _need(key, "private key")
+    for path, what in ((cert_p, "certificate"), (key_p, "private key"), (settings.ca_cert, "CA certificate")):
+        _read(path, what)  # a clear ConfigError for a missing file
+    contexts = []
+    for purpose in (ssl.Purpose.CLIENT_AUTH, ssl.Purpose.SERVER_AUTH):
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=os.fspath(settings.ca_cert))
+        try:
+            ctx.load_cert_chain(os.fspath(cert_p), os.fspath(key_p))
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError(f"cannot load certificate {cert_p} / key {key_p}: {exc}") from None
+        if purpose is ssl.Purpose.CLIENT_AUTH:
+            ctx.num_tickets = 0
+        else:
+            ctx.check_hostname = True
+        contexts.append(ctx)
+    return contexts[0], contexts[1]
+
+
+def socket_peer_identity(sock: ssl.SSLSocket) -> PeerIdentity:
+    """(name, role) of the CA-verified certificate the peer of ``sock`` presented."""
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        raise UnauthenticatedError("the peer presented no certificate (mTLS required)")
+    name, role = _identity_of(ssl.DER_cert_to_PEM_cert(der).encode())
+    return PeerIdentity(name, role)
 
 
 def _need(path: PathLike | None, what: str) -> PathLike:

@@ -177,15 +177,17 @@ def test_party_killed_mid_request_then_restarted(cluster: LocalCluster, digits) 
     assert np.abs(y - plain[:10]).max() <= 1e-2
 
 
-def test_three_party_cluster(tmp_path) -> None:
+@pytest.mark.parametrize("data_transport", ["stream", "grpc"])
+def test_three_party_cluster(tmp_path, data_transport: str) -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     x = torch.rand(6, 20)
-    with LocalCluster(tmp_path, n_parties=3) as c:
+    with LocalCluster(tmp_path, n_parties=3, env={"SECUREINFER_DATA_TRANSPORT": data_transport}) as c:
         deploy(model, x[:1], name="tiny", config=c.config_path)
         with Client(c.config_path) as cl:
             y = cl.infer("tiny", x.numpy())
             assert cl.last_cost is not None and cl.last_cost.rounds > 5  # bitwise comparisons
+        assert f'"data_transport": "{data_transport}"' in c.log_text("party2")
     with torch.no_grad():
         ref = model(x).double().numpy()
     assert np.abs(y - ref).max() <= 1e-2

@@ -269,3 +269,24 @@ def test_config_path() -> None:
     assert config_path(None, environ={"SECUREINFER_CONFIG": "b.toml"}) == Path("b.toml")
     with pytest.raises(ConfigError, match="--config"):
         config_path(None, environ={})
+
+
+def test_data_address_default_explicit_and_checked(tmp_path: Path) -> None:
+    t = load_topology(_write(tmp_path, MINIMAL), environ={})
+    assert t.party(0).data_address == "127.0.0.1:7101" and t.party(1).data_address == "127.0.0.1:7102"
+    assert t.cluster.data_transport == "stream"
+    explicit = MINIMAL.replace('address = "127.0.0.1:7002"', 'address = "127.0.0.1:7002"\ndata_address = "10.0.0.2:9000"')
+    assert load_topology(_write(tmp_path, explicit, "e.toml"), environ={}).party(1).data_address == "10.0.0.2:9000"
+    env = {"SECUREINFER_DATA_TRANSPORT": "grpc"}
+    assert load_topology(_write(tmp_path, MINIMAL, "g.toml"), environ=env).cluster.data_transport == "grpc"
+    clash = MINIMAL.replace('address = "127.0.0.1:7002"', 'address = "127.0.0.1:7002"\ndata_address = "127.0.0.1:7000"')
+    clash = clash.replace('request_timeout_s = 12.5', 'request_timeout_s = 12.5\ndata_transport = "carrier-pigeon"')
+    with pytest.raises(TopologyError) as info:
+        load_topology(_write(tmp_path, clash, "c.toml"), environ={})
+    text = str(info.value)
+    assert "duplicate address '127.0.0.1:7000' used by dealer and party 1 (data)" in text or \
+        "duplicate address '127.0.0.1:7000' used by party 1 (data) and dealer" in text
+    assert "cluster.data_transport must be one of stream, grpc" in text
+    high = MINIMAL.replace('address = "127.0.0.1:7001"', 'address = "127.0.0.1:65500"')
+    with pytest.raises(TopologyError, match="no port \\+ 100 for the data path; set data_address"):
+        load_topology(_write(tmp_path, high, "h.toml"), environ={})
