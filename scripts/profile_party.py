@@ -74,7 +74,11 @@ class Timers:
         return getattr(self.local, "role", threading.current_thread().name)
 
     def wrap(self, obj: Any, attr: str, label: str) -> None:
-        fn = getattr(obj, attr)
+        """Time ``obj.attr`` under ``label``; an absent attribute is skipped (the code moves)."""
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            log(f"not instrumented (absent): {getattr(obj, '__name__', obj)}.{attr}")
+            return
         is_static = isinstance(obj, type) and isinstance(obj.__dict__.get(attr), (classmethod, staticmethod))
         raw = obj.__dict__.get(attr) if isinstance(obj, type) else None
 
@@ -180,13 +184,15 @@ def install_process_timers(outdir: str) -> None:
     from secureinfer.dealer import server as dealer_server
     from secureinfer.party import server as party_server
     from secureinfer.transport.grpc import GrpcTransport
+    from secureinfer.transport.stream import StreamTransport
 
     t = Timers()
     t.role = lambda: "refill" if threading.current_thread().name.startswith("dealer-pool") else "rpc"  # type: ignore[method-assign]
     instrument(t)
     t.wrap(party_server._Inference, "Infer", "party: Infer handler (auth, deadline)")
     t.wrap(party_server.PartyServer, "infer", "party: infer (checks, Session, response)")
-    t.wrap(party_server.PartyServer, "fetch_material", "party: dealer Fetch RPC + reassembly")
+    t.wrap(party_server.PartyServer, "material", "party: material (Bind RPC, cache or Fetch)")
+    t.wrap(party_server.MaterialCache, "take", "party: material cache take")
     t.wrap(party_server, "bundle_from_bytes", "bundle parse (protobuf)")
     t.wrap(party_server, "run_plan", "party: run_plan (loop)")
     t.wrap(party_server, "share_from_proto", "party: input share_from_proto")
@@ -194,6 +200,9 @@ def install_process_timers(outdir: str) -> None:
     t.wrap(GrpcTransport, "exchange", "transport: exchange (other)")
     t.wrap(GrpcTransport, "send", "transport: send RPC (blocking)")
     t.wrap(GrpcTransport, "recv", "transport: recv (wait for peer)")
+    t.wrap(StreamTransport, "exchange", "transport: exchange (other)")
+    t.wrap(StreamTransport, "send", "transport: send (socket write)")
+    t.wrap(StreamTransport, "recv", "transport: recv (wait for peer)")
     t.wrap(dealer_core.DealerCore, "fetch", "dealer: fetch (lock, pool pop)")
     t.wrap(dealer_core.DealerCore, "_generate", "dealer: generate set (other)")
     t.wrap(dealer_server, "bundle_to_bytes", "bundle serialize")

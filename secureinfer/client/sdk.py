@@ -62,6 +62,16 @@ def _topology(config: str | Path | Topology) -> Topology:
     return config if isinstance(config, Topology) else load_topology(config)
 
 
+def _telling(e: SecureInferError) -> int:
+    """Rank of a party's error for the client (lowest raised): a dead party's UNAVAILABLE,
+    then a party's own refusal (bad input, a limit, the dealer's answer), last the echoes
+    of another party's abort ("aborted by party N"), which only repeat the cause."""
+    text = str(e)
+    if "aborted by party" in text:
+        return 2
+    return 0 if "unavailable" in text.lower() or e.grpc_code == "UNAVAILABLE" else 1
+
+
 class _Cluster:
     """Channels from one identity to every party (mTLS), shared by SDK calls.
 
@@ -99,8 +109,7 @@ class _Cluster:
                 except SecureInferError as exc:
                     errors.append(exc)
         if errors:
-            # a dead party's UNAVAILABLE is more telling than its peers' aborts
-            errors.sort(key=lambda e: 0 if "unavailable" in str(e).lower() or e.grpc_code == "UNAVAILABLE" else 1)
+            errors.sort(key=_telling)
             raise errors[0]
         return results
 

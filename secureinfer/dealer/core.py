@@ -17,10 +17,15 @@ model needs from its public graph.
   serialized once. A set is used for exactly one session.
 * ``prefetch``: a party collects its part of pooled sets ahead of requests (the transfer
   and parsing leave the request path).
-* ``bind``: at request time each party asks which set its session uses; the first caller
-  binds the session to a set that *every* party already holds. If there is none, the
-  parties fall back to ``fetch``, which binds a set nobody has prefetched (or generates
-  one) and serves each party its part.
+* ``claim``: party 0, the *binder*, takes over pooled sets that every party has
+  confirmed holding (ahead of requests, from its prefetch thread). It binds each of its
+  sessions to one of them itself and tells the peers the set id over the data path, so
+  the request path has no dealer round trip. A claimed set leaves the pool for good:
+  the dealer never binds it. If a party that held a part restarts (``forget_party``),
+  the claimed sets it held are reported void in the binder's next ``claim``.
+* ``bind``: the binder's fallback when it has no claimed set: the dealer binds the
+  session to a set every party holds, or else parties ``fetch``, which binds a set
+  nobody has prefetched (or generates one) and serves each party its part.
 * Every part is served to its party at most once, and a session is bound at most once,
   so no correlated randomness is ever used twice. Bound sessions and prefetched but
   unbound sets expire (``session_ttl_s`` / ``set_ttl_s``).
@@ -61,10 +66,12 @@ from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed, fresh_seed
 from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose
 
-__all__ = ["NONCE_BYTES", "DealerCore", "PURPOSES", "Registration"]
+__all__ = ["BINDER", "NONCE_BYTES", "DealerCore", "PURPOSES", "Registration"]
 
 PURPOSES = ("logits", "argmax", "dp")
 NONCE_BYTES = 32  # per-deployment seed nonce (os.urandom)
+#: the party that claims ready sets and binds sessions to them (see ``claim``)
+BINDER = 0
 _Key = tuple[str, int, str]
 
 
@@ -102,6 +109,14 @@ class _Set:
 
 
 @dataclass
+class _Claimed:
+    """A set delegated to the binder: which parties hold a part of it, and since when."""
+
+    holders: frozenset[int]
+    created: float
+
+
+@dataclass
 class _Binding:
     set: _Set
     served: set[int]
@@ -130,9 +145,12 @@ class DealerCore:
         self._models: dict[str, _Model] = {}
         self._pools: dict[_Key, OrderedDict[str, _Set]] = {}
         self._sessions: dict[str, _Binding] = {}
+        self._claimed: dict[str, _Claimed] = {}
+        self._void: set[str] = set()  # claimed sets a restarted party no longer holds
         self.counters: dict[str, int] = {
             "sets_generated": 0, "parts_prefetched": 0, "parts_fetched": 0, "binds_prefetched": 0,
             "binds_fallback": 0, "sets_expired": 0, "refused_too_large": 0, "refused_busy": 0,
+            "sets_claimed": 0, "claimed_void": 0,
         }
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -375,6 +393,38 @@ class DealerCore:
                     return s.set_id, part
         return None
 
+    def claim(
+        self, deployment_id: str, *, party_id: int, batch: int, purpose: str, max_sets: int = 0,
+    ) -> tuple[list[str], list[str]]:
+        """Delegate to the binder the pooled sets every party holds; ``(claimed, void)``.
+
+        ``claimed``: set ids the binder may now bind sessions to, each exactly once (they
+        leave the pool: the dealer never binds them). ``void``: sets claimed earlier that a
+        restarted party no longer holds; the binder must drop them. Only :data:`BINDER`
+        may claim (PermissionDeniedError otherwise).
+        """
+        from secureinfer.errors import PermissionDeniedError
+
+        if party_id != BINDER:
+            raise PermissionDeniedError(f"only party {BINDER} claims material, not party {party_id}")
+        self._check(batch, purpose)
+        with self._lock:
+            m = self._model(deployment_id, party_id)
+            self._expire()
+            pool = self._pools.get((deployment_id, batch, purpose), OrderedDict())
+            ready = [st for st in pool.values() if len(st.confirmed) == m.n_parties]
+            if max_sets > 0:
+                ready = ready[:max_sets]
+            now = time.monotonic()
+            for st in ready:
+                del pool[st.set_id]
+                self._claimed[st.set_id] = _Claimed(frozenset(st.delivered), now)
+            self.counters["sets_claimed"] += len(ready)
+            void, self._void = sorted(self._void), set()
+            if ready:
+                self._lock.notify_all()  # the pool has room again
+            return [st.set_id for st in ready], void
+
     def bind(self, deployment_id: str, session_id: str, *, party_id: int, batch: int, purpose: str) -> str:
         """The set of ``session_id`` if this party holds it already, else ``""`` (then Fetch).
 
@@ -459,6 +509,11 @@ class DealerCore:
                 for sid in [k for k, s in pool.items() if party_id in s.delivered]:
                     del pool[sid]
                     dropped += 1
+            for sid in [k for k, c in self._claimed.items() if party_id in c.holders]:
+                del self._claimed[sid]
+                self._void.add(sid)
+                self.counters["claimed_void"] += 1
+                dropped += 1
             self._lock.notify_all()
         return dropped
 
@@ -472,6 +527,8 @@ class DealerCore:
         now = time.monotonic()
         for sid in [s for s, b in self._sessions.items() if now - b.created > self.session_ttl_s]:
             del self._sessions[sid]
+        for sid in [s for s, c in self._claimed.items() if now - c.created > self.session_ttl_s]:
+            del self._claimed[sid]  # bookkeeping only: the parties dropped these parts long ago
         for pool in self._pools.values():
             for sid in [k for k, s in pool.items() if s.delivered and now - s.created > self.set_ttl_s]:
                 del pool[sid]  # parties drop unbound prefetched parts after a longer TTL

@@ -119,6 +119,15 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
 
         return self._guard(ctx, "bind", run)
 
+    def Claim(self, req: dealer_pb2.ClaimRequest, ctx: grpc.ServicerContext) -> Any:
+        def run() -> dealer_pb2.ClaimResponse:
+            self._party(ctx, req.party_id)
+            ids, void = self.s.core.claim(req.deployment_id, party_id=req.party_id, batch=req.batch,
+                                          purpose=req.purpose or "logits", max_sets=req.max_sets)
+            return dealer_pb2.ClaimResponse(set_ids=ids, void_ids=void)
+
+        return self._guard(ctx, "claim", run)
+
     def Forget(self, req: dealer_pb2.ForgetRequest, ctx: grpc.ServicerContext) -> Any:
         def run() -> dealer_pb2.ForgetResponse:
             self._party(ctx, req.party_id)

@@ -2,10 +2,16 @@
 
 A background thread asks the dealer (``Prefetch``) for this party's part of pooled sets
 for every (deployment, batch, purpose) in recent use, parses it, and precomputes the
-input-independent half of every linear layer (``op([A], E) + [C]``). At request time the
-party asks the dealer which set its session is bound to (``Bind``, a tiny RPC) and takes
-that set from the cache; only if no set is held by every party does it fall back to
-``Fetch`` (transfer and parsing on the request path).
+input-independent half of every linear layer (``op([A], E) + [C]``).
+
+Binding a session to a set (DESIGN.md: the dealer is off the request path): on the
+*binder* (party 0, :data:`~secureinfer.dealer.core.BINDER`) the same thread also
+``Claim``s the sets every party has confirmed holding, polling with back-off while some
+held set is not yet claimable. At request time the binder takes a claimed set
+(:meth:`MaterialCache.take_claimed`) and tells the peers its id over the data path; they
+take that set from their cache (:meth:`MaterialCache.take`). Only when the binder holds
+no claimed set does it ask the dealer (``Bind``; then possibly ``Fetch``: transfer and
+parsing on the request path).
 
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
 them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
@@ -34,6 +40,10 @@ from secureinfer.v1 import dealer_pb2, dealer_pb2_grpc
 __all__ = ["MaterialCache", "read_chunks"]
 
 Key = tuple[str, int, str]  # (deployment id, batch, purpose)
+#: back-off of the binder's polling for sets the peers have not confirmed yet
+_CLAIM_POLL_MIN_S, _CLAIM_POLL_MAX_S = 0.01, 1.0
+#: how often an idle binder asks the dealer which claimed sets became void
+_VOID_POLL_S = 0.5
 
 
 def read_chunks(stream: Any, *, max_bytes: int) -> tuple[str, bytes] | None:
@@ -53,6 +63,7 @@ class _Entry:
     sets: OrderedDict[str, tuple[PartyBundle, float]] = field(default_factory=OrderedDict)
     last_used: float = 0.0
     inflight: bool = False
+    claimed: OrderedDict[str, None] = field(default_factory=OrderedDict)  # binder: ids it may bind
 
 
 class MaterialCache:
@@ -60,9 +71,12 @@ class MaterialCache:
         self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
         rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 90.0, idle_s: float = 600.0,
         prefetch_timeout_s: float = 120.0, max_cached_bytes: int = 2 << 30, max_keys: int = 16,
-        log: Logger | None = None,
+        log: Logger | None = None, binder: bool = False,
     ) -> None:
         self.party_id = party_id
+        self.binder = binder
+        self._claim_wait = _CLAIM_POLL_MIN_S  # binder: current back-off of Claim polling
+        self._next_claim = 0.0
         self._dealer = dealer
         self._prepare = prepare
         self._timeout = rpc_timeout_s
@@ -119,6 +133,36 @@ class MaterialCache:
                     return None
                 self._cond.wait(left)
 
+    def take_claimed(self, key: Key) -> tuple[str, PartyBundle] | None:
+        """Binder only: the oldest claimed set of ``key`` with this party's part, or None.
+
+        Sets older than half the TTL are not used (a peer may drop its part of the same
+        set a little earlier than this party); each set id is returned once.
+        """
+        now = time.monotonic()
+        with self._cond:
+            e = self._entries.get(key)
+            while e is not None and e.claimed:
+                set_id, _ = e.claimed.popitem(last=False)
+                got = e.sets.pop(set_id, None)
+                if got is not None and now - got[1] <= self.ttl_s / 2:
+                    self._cond.notify_all()
+                    return set_id, got[0]
+            return None
+
+    def drop_claimed(self) -> int:
+        """Binder: forget every claimed set and its part (a peer may have lost its parts,
+        e.g. it restarted); returns how many. Later requests bind through the dealer
+        until new sets are claimed."""
+        with self._cond:
+            n = 0
+            for e in self._entries.values():
+                for sid in list(e.claimed):
+                    e.sets.pop(sid, None)
+                    n += 1
+                e.claimed.clear()
+            return n
+
     def held(self) -> int:
         with self._cond:
             return sum(len(e.sets) for e in self._entries.values())
@@ -132,6 +176,7 @@ class MaterialCache:
         for e in self._entries.values():
             for sid in [s for s, (_, t) in e.sets.items() if now - t > self.ttl_s]:
                 del e.sets[sid]
+                e.claimed.pop(sid, None)
         if self._cached_bytes() >= self.max_cached_bytes:
             return None
         recent = sorted(self._entries.items(), key=lambda kv: -kv[1].last_used)
@@ -141,13 +186,64 @@ class MaterialCache:
                     return key
         return None
 
+    def _unclaimed(self) -> list[Key]:
+        """Binder: kinds with held sets it has not claimed yet (lock held)."""
+        return [k for k, e in self._entries.items() if any(s not in e.claimed for s in e.sets)]
+
+    def _claim(self, keys: list[Key]) -> bool:
+        """Binder: ``Claim`` what the dealer can delegate for ``keys``; True if anything came."""
+        got = False
+        for key in keys:
+            try:
+                r = self._dealer.Claim(dealer_pb2.ClaimRequest(deployment_id=key[0], party_id=self.party_id,
+                                                               batch=key[1], purpose=key[2]), timeout=self._timeout)
+            except grpc.RpcError as exc:
+                if self._log is not None:
+                    self._log.warning("claim_failed", deployment=key[0], batch=key[1], error=exc.code().name)
+                continue
+            with self._cond:
+                for e in self._entries.values():
+                    for sid in r.void_ids:  # a peer restarted: its part is gone
+                        e.sets.pop(sid, None)
+                        e.claimed.pop(sid, None)
+                e = self._entries.get(key)
+                if e is not None:
+                    for sid in r.set_ids:
+                        if sid in e.sets:
+                            e.claimed[sid] = None
+                            got = True
+                self._cond.notify_all()
+        return got
+
+    def _claim_step(self, pending: list[Key]) -> None:
+        """Binder: claim now if the back-off allows (a peer may not have confirmed yet)."""
+        now = time.monotonic()
+        if now < self._next_claim:
+            return
+        self._claim_wait = _CLAIM_POLL_MIN_S if self._claim(pending) else min(2 * self._claim_wait, _CLAIM_POLL_MAX_S)
+        self._next_claim = now + self._claim_wait
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             with self._cond:
                 key = self._next()
-                if key is None:
-                    self._cond.wait(timeout=0.5)
-                    continue
+                pending = self._unclaimed() if self.binder else []
+                if key is None and not pending:
+                    self._claim_wait, self._next_claim = _CLAIM_POLL_MIN_S, 0.0
+                    claimed = [k for k, e in self._entries.items() if e.claimed] if self.binder else []
+                    if not claimed:
+                        self._cond.wait(timeout=0.5)
+                        continue
+            if key is None and not pending:  # binder, idle: collect void ids (a peer restarted)
+                self._claim(claimed)
+                self._stop.wait(_VOID_POLL_S)
+                continue
+            if pending:
+                self._claim_step(pending)
+            if key is None:
+                self._stop.wait(max(0.0, self._next_claim - time.monotonic()))
+                continue
+            with self._cond:
                 self._entries[key].inflight = True
                 held = list(self._entries[key].sets)
             got = None
@@ -187,6 +283,7 @@ class MaterialCache:
                         pass  # a confirmation streams no chunks
                 except grpc.RpcError:
                     pass  # the next prefetch call confirms them
+                self._claim_wait, self._next_claim = _CLAIM_POLL_MIN_S, 0.0  # claimable soon
             if got is None:
                 self._stop.wait(0.05)  # the dealer's pool is empty: let it refill
 

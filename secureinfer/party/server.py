@@ -30,6 +30,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from secureinfer.config import MAX_BATCH, ROLE_AUDITOR, ROLE_CLIENT, ROLE_OWNER, Topology
+from secureinfer.dealer.core import BINDER
 from secureinfer.dealer.material import PartyBundle
 from secureinfer.dealer.wire import bundle_from_bytes
 from secureinfer.engine.plan import Plan, compile_plan
@@ -37,6 +38,7 @@ from secureinfer.engine.runner import PartyModel, open_masks, precompute, run_pl
 from secureinfer.errors import (
     InvalidArgumentError,
     NotFoundError,
+    PeerUnavailableError,
     ProtocolError,
     SecureInferError,
     ShapeError,
@@ -59,6 +61,10 @@ from secureinfer.watermark.mpc import AUDIT_PREFIX
 __all__ = ["PartyServer", "serve"]
 
 _RID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: the data-path step of the binder's note naming a session's material set (the
+#: protocols' own steps count up from 1)
+_BIND_STEP = 2**32 - 1
+_SET_ID_RE = re.compile(rb"^[0-9a-f]{0,64}$")
 MAX_DEPLOY_BYTES = 1 << 31
 OUTPUTS = ("logits", "argmax")
 
@@ -118,8 +124,10 @@ class PartyServer:
         self.cache = MaterialCache(
             party_id=party_id, dealer=self.dealer, prepare=self._prepare_material,
             rpc_timeout_s=self.settings.rpc_timeout_s, max_bytes=self.settings.max_message_bytes * 64,
-            depth=prefetch_depth, log=self.log,
+            depth=prefetch_depth, log=self.log, binder=party_id == BINDER,
         )
+        if party_id == BINDER and isinstance(self.transport, StreamTransport):
+            self.transport.on_peer_lost = self._peer_lost
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"party{party_id}"),
             options=tls.server_options(self.settings),
@@ -143,6 +151,14 @@ class PartyServer:
         self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.log.info("listening", address=self.me.address, models=len(self._models),
                       data_transport=self.settings.data_transport, data_address=self.me.data_address)
+
+    def _peer_lost(self, peer: int) -> None:
+        """The binder saw a peer's data connection end: that peer may have restarted and
+        lost its prefetched parts, so no claimed set is used any more (the dealer reports
+        the same sets void a moment later, see MaterialCache)."""
+        n = self.cache.drop_claimed()
+        if n:
+            self.log.info("claimed_sets_dropped", peer=peer, sets=n)
 
     def _forget_prefetched(self) -> None:
         """A fresh process holds no prefetched material: tell the dealer before serving."""
@@ -269,22 +285,53 @@ class PartyServer:
                                 "with a malformed seed or another nonce")
         return resp.model_seed, resp.nonce
 
-    def material(self, lm: LoadedModel, session_id: str, batch: int, purpose: str) -> PartyBundle:
-        """This session's dealer material: a prefetched set if the dealer binds one, else fetched."""
+    def material(self, lm: LoadedModel, session: Session, batch: int, purpose: str) -> PartyBundle:
+        """This session's dealer material, bound to the session by the binder (party 0).
+
+        The binder takes a set it has claimed from the dealer ahead of time
+        (:meth:`MaterialCache.take_claimed`) -- or, holding none, asks the dealer to bind
+        one (``Bind``) -- and sends its id to every peer on the data path (empty: fetch
+        from the dealer) before it computes anything. A peer waits for that message and
+        takes the named set from its cache, or fetches its part of the session's set.
+        Request-path cost with a claimed set: one one-way data-path message, no dealer
+        call; the set is used by this session only (the binder hands each claimed id
+        out once, and the dealer never binds a claimed set).
+        """
         dep = lm.record.deployment_id
         key = (dep, batch, purpose)
-        if not purpose.startswith(AUDIT_PREFIX):  # one-off audits are never prefetched
+        sid = session.session_id
+        audit = purpose.startswith(AUDIT_PREFIX)  # one-off audits are never prefetched
+        if not audit:
             self.cache.want(key)
-        bind = dealer_pb2.BindRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
-                                      batch=batch, purpose=purpose)
-        # the dealer may have to generate a set on the spot: allow the request's timeout
-        wait = self.settings.request_timeout_s
-        set_id = self._dealer_call(lambda: self.dealer.Bind(bind, timeout=wait).set_id, lm)
-        if set_id:
-            bundle = self.cache.take(key, set_id)
-            if bundle is not None:
-                return bundle
-        req = dealer_pb2.FetchRequest(deployment_id=dep, session_id=session_id, party_id=self.party_id,
+        wait = self.settings.request_timeout_s  # the dealer may have to generate a set on the spot
+        bundle: PartyBundle | None = None
+        if self.party_id == BINDER:
+            claimed = None if audit else self.cache.take_claimed(key)
+            if claimed is not None:
+                set_id, bundle = claimed
+            else:
+                bind = dealer_pb2.BindRequest(deployment_id=dep, session_id=sid, party_id=self.party_id,
+                                              batch=batch, purpose=purpose)
+                set_id = self._dealer_call(lambda: self.dealer.Bind(bind, timeout=wait).set_id, lm)
+                bundle = self.cache.take(key, set_id) if set_id else None
+            note = (set_id if bundle is not None else "").encode("ascii")
+            for p in session.peers:
+                self.transport.send(sid, _BIND_STEP, p, note, timeout=self.settings.rpc_timeout_s)
+        else:
+            left = max(0.001, (session.deadline or time.monotonic() + wait) - time.monotonic())
+            note = self.transport.recv(sid, _BIND_STEP, BINDER, timeout=left)
+            if not _SET_ID_RE.match(note):
+                raise ProtocolError(f"party {BINDER} sent a malformed set id for session {sid}")
+            set_id = note.decode("ascii")
+            if set_id:
+                bundle = self.cache.take(key, set_id)
+                if bundle is None:
+                    raise PeerUnavailableError(
+                        f"party {self.party_id} does not hold the material set party {BINDER} chose "
+                        "(expired, or this party restarted); retry the request")
+        if bundle is not None:
+            return bundle
+        req = dealer_pb2.FetchRequest(deployment_id=dep, session_id=sid, party_id=self.party_id,
                                       batch=batch, purpose=purpose)
         got = self._dealer_call(lambda: read_chunks(self.dealer.Fetch(req, timeout=wait),
                                                     max_bytes=self.settings.max_message_bytes * 64), lm)
@@ -379,7 +426,7 @@ class PartyServer:
         )
         try:
             t_off = time.perf_counter()
-            bundle = self.material(lm, sid, padded, purpose)
+            bundle = self.material(lm, session, padded, purpose)
             session.costs.offline_ms = (time.perf_counter() - t_off) * 1e3
             session.costs.bytes_offline = bundle.nbytes
             plan = lm.plan(padded, purpose, self.n)
@@ -534,7 +581,7 @@ class PartyServer:
                           timeout=self.settings.rpc_timeout_s,
                           deadline=time.monotonic() + self.settings.request_timeout_s)
         try:
-            bundle = self.material(lm, sid, 1, audit_purpose(req.layer, spec.bits))
+            bundle = self.material(lm, session, 1, audit_purpose(req.layer, spec.bits))
             verdict, released = run_audit(session, bundle, spec=spec, q_share=q_share,
                                           reveal_distance=req.reveal_distance)
         except BaseException as exc:

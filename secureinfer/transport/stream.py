@@ -50,7 +50,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -169,6 +169,9 @@ class StreamTransport(Transport):
         self._pool: ThreadPoolExecutor | None = None
         self._closed = False
         self.port: int | None = None
+        #: called with a peer's id when its incoming connection is lost (it died or
+        #: restarted); the party server drops state that peer may no longer share
+        self.on_peer_lost: Callable[[int], None] | None = None
 
     @classmethod
     def from_topology(cls, topology: Topology, party_id: int, **kwargs: Any) -> StreamTransport:
@@ -296,6 +299,11 @@ class StreamTransport(Transport):
                 if n:
                     log.info("party %d: %d session(s) waiting for party %d aborted: connection lost",
                              self.party_id, n, sender)
+                if self.on_peer_lost is not None:
+                    try:
+                        self.on_peer_lost(sender)
+                    except Exception as exc:  # a hook must not kill the reader's cleanup
+                        log.error("party %d: on_peer_lost hook failed: %r", self.party_id, exc)
 
     def _read_frame(self, sock: socket.socket, sender: int) -> None:
         magic, version, kind, step, sid_len, _, plen = _HEADER.unpack(_read_exact(sock, _HEADER.size))

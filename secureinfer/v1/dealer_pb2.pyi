@@ -142,6 +142,28 @@ class BindResponse(_message.Message):
     set_id: str
     def __init__(self, set_id: _Optional[str] = ...) -> None: ...
 
+class ClaimRequest(_message.Message):
+    __slots__ = ("deployment_id", "party_id", "batch", "purpose", "max_sets")
+    DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTY_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    MAX_SETS_FIELD_NUMBER: _ClassVar[int]
+    deployment_id: str
+    party_id: int
+    batch: int
+    purpose: str
+    max_sets: int
+    def __init__(self, deployment_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ..., max_sets: _Optional[int] = ...) -> None: ...
+
+class ClaimResponse(_message.Message):
+    __slots__ = ("set_ids", "void_ids")
+    SET_IDS_FIELD_NUMBER: _ClassVar[int]
+    VOID_IDS_FIELD_NUMBER: _ClassVar[int]
+    set_ids: _containers.RepeatedScalarFieldContainer[str]
+    void_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, set_ids: _Optional[_Iterable[str]] = ..., void_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ForgetRequest(_message.Message):
     __slots__ = ("party_id",)
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]

@@ -60,6 +60,11 @@ class DealerStub:
                 request_serializer=secureinfer_dot_v1_dot_dealer__pb2.BindRequest.SerializeToString,
                 response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.BindResponse.FromString,
                 _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/secureinfer.v1.Dealer/Claim',
+                request_serializer=secureinfer_dot_v1_dot_dealer__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=secureinfer_dot_v1_dot_dealer__pb2.ClaimResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/secureinfer.v1.Dealer/Release',
                 request_serializer=secureinfer_dot_v1_dot_dealer__pb2.ReleaseRequest.SerializeToString,
@@ -116,6 +121,15 @@ class DealerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Claim(self, request, context):
+        """Party 0 only (the binder): take over pooled sets every party holds, so that it binds
+        sessions to them itself, off the request path, and tells the peers which set a
+        session uses. A claimed set is never bound by the dealer again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -163,6 +177,11 @@ def add_DealerServicer_to_server(servicer, server):
                     servicer.Bind,
                     request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.BindRequest.FromString,
                     response_serializer=secureinfer_dot_v1_dot_dealer__pb2.BindResponse.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=secureinfer_dot_v1_dot_dealer__pb2.ClaimRequest.FromString,
+                    response_serializer=secureinfer_dot_v1_dot_dealer__pb2.ClaimResponse.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -315,6 +334,33 @@ class Dealer:
             '/secureinfer.v1.Dealer/Bind',
             secureinfer_dot_v1_dot_dealer__pb2.BindRequest.SerializeToString,
             secureinfer_dot_v1_dot_dealer__pb2.BindResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secureinfer.v1.Dealer/Claim',
+            secureinfer_dot_v1_dot_dealer__pb2.ClaimRequest.SerializeToString,
+            secureinfer_dot_v1_dot_dealer__pb2.ClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -173,3 +173,50 @@ def test_bind_after_a_fetch_decision_never_switches_sets() -> None:
     id0, _ = core.fetch("d", "s", party_id=0, batch=1, purpose="logits")
     id1, _ = core.fetch("d", "s", party_id=1, batch=1, purpose="logits")
     assert id0 == id1 != ready.set_id
+
+
+def _prefetch_both(core: DealerCore, dep: str, *, batch: int = 1) -> str:
+    """Both parties take their part of the next pooled set and confirm it; its id."""
+    import time
+
+    deadline = time.monotonic() + 20
+    got0 = got1 = None
+    while (got0 is None or got1 is None) and time.monotonic() < deadline:
+        got0 = got0 or core.prefetch(dep, party_id=0, batch=batch, purpose="logits")
+        got1 = got1 or core.prefetch(dep, party_id=1, batch=batch, purpose="logits")
+        time.sleep(0.02)
+    assert got0 is not None and got1 is not None and got0[0] == got1[0]
+    core.prefetch(dep, party_id=0, batch=batch, purpose="logits", held=[got0[0]], confirm_only=True)
+    return got0[0]
+
+
+def test_claimed_sets_are_ready_sets_delegated_once_and_never_bound_again() -> None:
+    from secureinfer.dealer.core import BINDER
+    from secureinfer.errors import PermissionDeniedError
+
+    assert BINDER == 0
+    core = DealerCore(master_key=os.urandom(32), pool_size=1)
+    g = _graph_json()
+    core.register("d", g, party_id=0, n_parties=2)
+    core.register("d", g, party_id=1, n_parties=2)
+    core.start()
+    try:
+        sid = _prefetch_both(core, "d")
+        assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([], [])  # party 1 has not confirmed
+        core.prefetch("d", party_id=1, batch=1, purpose="logits", held=[sid], confirm_only=True)
+        with pytest.raises(PermissionDeniedError, match="only party 0"):
+            core.claim("d", party_id=1, batch=1, purpose="logits")
+        assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([sid], [])
+        assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([], [])  # delegated once
+        # the dealer never binds a claimed set: a Bind falls back to a fresh set
+        assert core.bind("d", "s1", party_id=0, batch=1, purpose="logits") == ""
+        assert core.counters["sets_claimed"] == 1
+        # a party that held a part restarts: the binder learns the claimed set is void
+        sid2 = _prefetch_both(core, "d")
+        core.prefetch("d", party_id=1, batch=1, purpose="logits", held=[sid2], confirm_only=True)
+        assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([sid2], [])
+        assert core.forget_party(1) >= 1
+        assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([], sorted([sid, sid2]))  # both held by 1
+        assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([], [])
+    finally:
+        core.stop()
