@@ -16,34 +16,60 @@ It prints ONE JSON line per case to stdout (logs go to stderr)::
      "latency_ms_back_to_back_median", "latency_ms_back_to_back_p90", "party_ms_median",
      "rounds", "bytes_online", "bytes_offline", "bytes_client_up", "bytes_client_down",
      "pool_hit_rate_spaced", "pool_hit_rate_back_to_back", "argmax_agreement",
-     "max_abs_error", "samples", "plaintext_ms", "reference_crypten": {...},
-     "latency_over_ref", "bytes_online_over_ref", "bytes_total_over_ref", "rounds_over_ref",
-     "party_threads", "dealer_nice"}
+     "max_abs_error", "samples", "plaintext_ms", "party_threads", "dealer_nice"}
 
 Latencies are measured at the client (encode, share, both Infer calls, reconstruct);
 ``party_ms_median`` is the slowest party's own time (dealer fetch included); bytes are per
 request, summed over parties (``bytes_online``: party to party; ``bytes_offline``: dealer
-to parties). The CrypTen figures are published reference numbers (same MLP), not measured
-here; ``rounds`` of the batch-100 reference is not given (null).
+to parties).
+
+``--compare-crypten`` also runs CrypTen 0.4.1 (2 parties, its default TFP tuple provider)
+on the SAME model and the SAME input batches in the same run, right after each case
+(cluster idle): the case's ``state_dict``, a layer description, the exact input batches
+of the spaced requests and their plaintext outputs are saved with ``torch.save`` to
+``<workdir>/crypten/<case>.pt`` and ``scripts/crypten_ref.py`` loads them with
+``torch.load(weights_only=True)`` under the CrypTen venv (``--anchor-venv``, default
+``$ANCHOR_VENV`` or ``/tmp/anchor-venv``; built with ``--anchor-setup``, default
+``../shared/anchors/crypten_setup.sh``, if it is missing). The CrypTen parties get the same
+``--party-threads`` as ours. Each case's line then also has::
+
+    "crypten": {"latency_ms_median", "latency_ms_p90", "latency_ms_min", "latency_ms_all",
+                "rounds", "bytes", "bytes_per_party_logged", "argmax_agreement",
+                "max_abs_error", "samples", "repeats", "warmup", "provider", "torch_threads",
+                "crypten_version", "torch_version", "world_size", "inputs_identical_max_diff"},
+    "latency_over_crypten", "latency_p90_over_crypten", "latency_back_to_back_over_crypten",
+    "bytes_online_over_crypten", "bytes_total_over_crypten", "rounds_over_crypten"
+
+(ours / CrypTen; CrypTen's ``bytes`` are all parties' sent bytes per inference, like
+``bytes_online``; ``bytes_total`` adds our dealer traffic, which CrypTen's TFP provider
+does not have; ``latency_ms_*`` of CrypTen: encrypt the input, forward, reveal, slower
+party, per inference). A case CrypTen's runner cannot express (the ResNet: BatchNorm and
+residual adds are not an ``nn.Sequential`` of supported layers) gets
+``"crypten": {"skipped": reason}`` and null ratios; a failed CrypTen run gets
+``{"error": ...}`` and the script exits 1. Without ``--compare-crypten`` there are no
+CrypTen fields: no CrypTen figure is hard-coded.
 
 Extending: add an entry to :data:`CASES` (name -> :class:`Case` with a builder returning
 ``(model, input_generator)``), e.g. the CNN / ResNet / HE cases.
 
     .venv/bin/python scripts/bench.py [--cases mlp1,mlp100] [--repeat N] [--out FILE]
         [--pool-size 4] [--party-threads N] [--dealer-nice N] [--workdir DIR]
+        [--compare-crypten [--crypten-repeat N] [--anchor-venv DIR] [--anchor-setup SH]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +95,6 @@ class Case:
     build: Callable[[int], tuple[nn.Module, InputFn]]  # batch -> (model, inputs)
     measured: int = 20  # spaced requests measured by default
     warmup: int = 3
-    reference_crypten: dict[str, float | None] = field(default_factory=dict)
     description: str = ""
 
 
@@ -108,26 +133,22 @@ def build_resnet(batch: int) -> tuple[nn.Module, InputFn]:
 CASES: dict[str, Case] = {
     "mlp1": Case(
         batch=1, build=build_mlp, measured=20, warmup=3,
-        reference_crypten={"latency_ms": 90.0, "bytes": 2.0e6, "rounds": 22},
         description="MLP 784-128-128-10, batch 1",
     ),
     "mlp100": Case(
         batch=100, build=build_mlp, measured=10, warmup=2,
-        reference_crypten={"latency_ms": 200.0, "bytes": 15.0e6, "rounds": None},
         description="MLP 784-128-128-10, batch 100",
     ),
     "lenet1": Case(
         batch=1, build=build_lenet, measured=10, warmup=2,
-        reference_crypten={"latency_ms": 600.0, "bytes": 20.0e6, "rounds": 124},
         description="LeNet-style CNN 28x28, batch 1",
     ),
     "lenet32": Case(
         batch=32, build=build_lenet, measured=4, warmup=1,
-        reference_crypten={"latency_ms": 6800.0, "bytes": 641.0e6, "rounds": 124},
         description="LeNet-style CNN 28x28, batch 32",
     ),
     "resnet1": Case(
-        batch=1, build=build_resnet, measured=4, warmup=1, reference_crypten={},
+        batch=1, build=build_resnet, measured=4, warmup=1,
         description="small ResNet (CIFAR shape, BatchNorm, residual adds), batch 1",
     ),
 }
@@ -240,7 +261,7 @@ def _requests(
 
 
 def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None, pool_size: int,
-             stats: DealerStats, pool_keys: list[int]) -> dict[str, Any]:
+             stats: DealerStats, pool_keys: list[int], crypten: CryptenRunner | None = None) -> dict[str, Any]:
     model, inputs = case.build(case.batch)
     n = repeat or case.measured
     log(f"{name}: {case.description}; deploying")
@@ -265,14 +286,8 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
     lat = [c.latency_ms for c in spaced]
     lat_bb = [c.latency_ms for c in b2b]
     c0 = spaced[0]
-    ref = case.reference_crypten
-    ref_lat, ref_bytes, ref_rounds = ref.get("latency_ms"), ref.get("bytes"), ref.get("rounds")
     med = statistics.median(lat)
-
-    def ratio(a: float, b: float | None) -> float | None:
-        return round(a / b, 4) if b else None
-
-    return {
+    res: dict[str, Any] = {
         "case": name,
         "batch": case.batch,
         "n_parties": cluster.topology.n_parties,
@@ -293,12 +308,145 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         "max_abs_error": float(np.abs(secure - plain).max()),
         "samples": int(secure.shape[0]),
         "plaintext_ms": round(plaintext_ms(model, inputs(0)), 4),
-        "reference_crypten": ref,
-        "latency_over_ref": ratio(med, ref_lat),
-        "bytes_online_over_ref": ratio(c0.bytes_online, ref_bytes),
-        "bytes_total_over_ref": ratio(c0.bytes_online + c0.bytes_offline, ref_bytes),
-        "rounds_over_ref": ratio(c0.rounds, ref_rounds),
     }
+    if crypten is not None:
+        ref = crypten.run(name, case, model, [inputs(i) for i in range(n)])
+        res["crypten"] = ref
+        res.update(crypten_ratios(res, ref))
+    return res
+
+
+# --------------------------------------------------------------------------- CrypTen side by side
+
+#: what ``scripts/crypten_ref.py`` reads (keep in step with its ``FORMAT``)
+CRYPTEN_FORMAT = "secureinfer-crypten-ref/1"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class UnsupportedForCrypten(ValueError):
+    """The model is not an nn.Sequential of layers the CrypTen runner can rebuild."""
+
+
+def _ints(v: Any) -> list[int] | int:
+    return [int(x) for x in v] if isinstance(v, (tuple, list)) else int(v)
+
+
+def layer_spec(model: nn.Module) -> list[dict[str, Any]]:
+    """The architecture of ``model`` as plain data the CrypTen runner rebuilds layer by layer."""
+    if not isinstance(model, nn.Sequential):
+        raise UnsupportedForCrypten(f"{type(model).__name__} is not an nn.Sequential")
+    spec: list[dict[str, Any]] = []
+    for i, m in enumerate(model):
+        if isinstance(m, nn.Linear):
+            spec.append({"type": "linear", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None})
+        elif isinstance(m, nn.Conv2d):
+            if m.groups != 1 or _ints(m.dilation) not in (1, [1, 1]) or m.padding_mode != "zeros" \
+                    or isinstance(m.padding, str):
+                raise UnsupportedForCrypten(f"layer {i}: Conv2d with groups/dilation/padding mode/string padding")
+            spec.append({"type": "conv2d", "in": m.in_channels, "out": m.out_channels, "kernel": _ints(m.kernel_size),
+                         "stride": _ints(m.stride), "padding": _ints(m.padding), "bias": m.bias is not None})
+        elif isinstance(m, nn.ReLU):
+            spec.append({"type": "relu"})
+        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+            if isinstance(m, nn.MaxPool2d) and (_ints(m.dilation) not in (1, [1, 1]) or m.return_indices):
+                raise UnsupportedForCrypten(f"layer {i}: MaxPool2d with dilation or indices")
+            if m.ceil_mode or (isinstance(m, nn.AvgPool2d) and (not m.count_include_pad or m.divisor_override)):
+                raise UnsupportedForCrypten(f"layer {i}: {type(m).__name__} options CrypTen does not mirror")
+            spec.append({"type": "maxpool2d" if isinstance(m, nn.MaxPool2d) else "avgpool2d",
+                         "kernel": _ints(m.kernel_size), "stride": _ints(m.stride), "padding": _ints(m.padding)})
+        elif isinstance(m, nn.Flatten):
+            if (m.start_dim, m.end_dim) != (1, -1):
+                raise UnsupportedForCrypten(f"layer {i}: Flatten({m.start_dim}, {m.end_dim})")
+            spec.append({"type": "flatten"})
+        else:
+            raise UnsupportedForCrypten(f"layer {i}: {type(m).__name__} is not supported by the CrypTen runner")
+    return spec
+
+
+def save_case(path: Path, name: str, batch: int, model: nn.Module, inputs: list[torch.Tensor], *,
+              repeats: int, warmup: int, threads: int | None) -> None:
+    """Write what the CrypTen runner needs: plain containers and tensors only (weights_only loads)."""
+    spec = layer_spec(model)
+    xs = [x.detach().to(torch.float32).contiguous().clone() for x in inputs]
+    with torch.no_grad():
+        plain = [model(x).detach().clone() for x in xs]
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"format": CRYPTEN_FORMAT, "case": name, "batch": batch, "layers": spec, "state_dict": state,
+                "inputs": xs, "plain_logits": plain, "repeats": int(repeats), "warmup": int(warmup),
+                "threads": threads}, path)
+
+
+def crypten_ratios(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, float | None]:
+    """ours / CrypTen for the figures both have; None where CrypTen has no figure."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return round(a / b, 4) if a is not None and b else None
+
+    return {
+        "latency_over_crypten": ratio(ours["latency_ms_median"], ref.get("latency_ms_median")),
+        "latency_p90_over_crypten": ratio(ours["latency_ms_p90"], ref.get("latency_ms_p90")),
+        "latency_back_to_back_over_crypten": ratio(ours["latency_ms_back_to_back_median"],
+                                                   ref.get("latency_ms_median")),
+        "bytes_online_over_crypten": ratio(ours["bytes_online"], ref.get("bytes")),
+        "bytes_total_over_crypten": ratio(ours["bytes_online"] + ours["bytes_offline"], ref.get("bytes")),
+        "rounds_over_crypten": ratio(ours["rounds"], ref.get("rounds")),
+    }
+
+
+def _anchor_ok(python: Path) -> bool:
+    probe = ("import sys, types; r = types.ModuleType('r'); r.registry = None; "
+             "sys.modules['torch.onnx._internal.registration'] = r; import crypten")
+    return python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0
+
+
+class CryptenRunner:
+    """Runs ``scripts/crypten_ref.py`` under the CrypTen venv for one case at a time."""
+
+    def __init__(self, venv: Path, setup: Path, workdir: Path, *, repeat: int | None, threads: int | None,
+                 timeout_s: float = 3600.0) -> None:
+        self.python = venv / "bin" / "python"
+        self.venv, self.setup = venv, setup
+        self.dir = workdir / "crypten"
+        self.repeat, self.threads, self.timeout_s = repeat, threads, timeout_s
+        self.failed = False
+
+    def ensure_venv(self) -> None:
+        """Build the CrypTen venv with the anchor's setup script if it is missing or broken."""
+        if _anchor_ok(self.python):
+            return
+        if not self.setup.is_file():
+            raise SystemExit(
+                f"--compare-crypten: no working CrypTen venv at {self.venv} and no setup script at {self.setup}.\n"
+                f"Build it with:  ANCHOR_VENV={self.venv} bash /path/to/shared/anchors/crypten_setup.sh\n"
+                f"or pass --anchor-venv DIR / --anchor-setup FILE.")
+        log(f"building the CrypTen venv at {self.venv} with {self.setup} (takes a few minutes)")
+        r = subprocess.run(["bash", str(self.setup)], env={**os.environ, "ANCHOR_VENV": str(self.venv)},
+                           stdout=sys.stderr)
+        if r.returncode != 0 or not _anchor_ok(self.python):
+            raise SystemExit(f"--compare-crypten: {self.setup} failed (rc {r.returncode}); "
+                             f"CrypTen venv at {self.venv} still unusable")
+
+    def run(self, name: str, case: Case, model: nn.Module, inputs: list[torch.Tensor]) -> dict[str, Any]:
+        """CrypTen's figures for this case, ``{"skipped": why}`` or ``{"error": what}``."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path, out = self.dir / f"{name}.pt", self.dir / f"{name}.json"
+        reps = self.repeat or len(inputs)
+        try:
+            save_case(path, name, case.batch, model, inputs, repeats=reps, warmup=1, threads=self.threads)
+        except UnsupportedForCrypten as exc:
+            log(f"{name}: CrypTen skipped: {exc}")
+            return {"skipped": str(exc)}
+        log(f"{name}: CrypTen 0.4.1, {reps} inference(s) on the same weights and inputs")
+        cmd = [str(self.python), str(ROOT / "scripts" / "crypten_ref.py"), str(path), "--out", str(out)]
+        try:
+            r = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            self.failed = True
+            return {"error": f"timed out after {self.timeout_s:.0f}s"}
+        if r.returncode != 0 or not out.exists():
+            self.failed = True
+            return {"error": f"crypten_ref.py exited {r.returncode}"}
+        return json.loads(out.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +462,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="renice the dealer process (its pool refill then yields the shared cores to the parties)")
     ap.add_argument("--party-threads", type=int, default=None,
                     help="OMP/MKL threads of the dealer and party processes (default: torch's default)")
+    ap.add_argument("--compare-crypten", action="store_true",
+                    help="also run CrypTen 0.4.1 on the same weights and inputs (scripts/crypten_ref.py)")
+    ap.add_argument("--crypten-repeat", type=int, default=None,
+                    help="CrypTen inferences per case (default: as many as our spaced requests)")
+    ap.add_argument("--anchor-venv", type=Path, default=Path(os.environ.get("ANCHOR_VENV", "/tmp/anchor-venv")),
+                    help="CrypTen venv (default: $ANCHOR_VENV or /tmp/anchor-venv)")
+    ap.add_argument("--anchor-setup", type=Path, default=ROOT.parent / "shared" / "anchors" / "crypten_setup.sh",
+                    help="script that builds the CrypTen venv when it is missing")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in names if c not in CASES]
@@ -321,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
     if args.repeat is not None and args.repeat < 1:
         ap.error("--repeat must be >= 1")
+    if args.crypten_repeat is not None and args.crypten_repeat < 1:
+        ap.error("--crypten-repeat must be >= 1")
     torch.set_num_threads(1)  # the parties run on the same cores; keep the client light
 
     # SIGTERM/SIGINT -> exception, so the finally below always stops the cluster
@@ -336,6 +494,16 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     if args.party_threads is not None:
         env = {"OMP_NUM_THREADS": str(args.party_threads), "MKL_NUM_THREADS": str(args.party_threads)}
+    crypten: CryptenRunner | None = None
+    if args.compare_crypten:
+        crypten = CryptenRunner(args.anchor_venv.absolute(), args.anchor_setup.absolute(), workdir.absolute(),
+                                repeat=args.crypten_repeat, threads=args.party_threads)
+        try:
+            crypten.ensure_venv()
+        except SystemExit:
+            if tmp is not None:
+                tmp.cleanup()
+            raise
     cluster = LocalCluster(workdir, n_parties=2, pool_size=args.pool_size, env=env)
     stats: DealerStats | None = None
     rc = 0
@@ -348,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         pool_keys = [0]
         for name in names:
             res = run_case(name, CASES[name], cluster, repeat=args.repeat, pool_size=args.pool_size,
-                           stats=stats, pool_keys=pool_keys)
+                           stats=stats, pool_keys=pool_keys, crypten=crypten)
             res["party_threads"] = args.party_threads
             res["dealer_nice"] = args.dealer_nice
             line = json.dumps(res)
@@ -358,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
                 with args.out.open("a") as fh:
                     fh.write(line + "\n")
         log(f"dealer counters: {stats.counters()}")
+        if crypten is not None and crypten.failed:
+            rc = 1
+            log("FAILED: a CrypTen reference run failed (its case line has crypten.error)")
         if args.he:
             from bench_he import run_he_bench
 
