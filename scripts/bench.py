@@ -403,7 +403,7 @@ class CryptenRunner:
     """Runs ``scripts/crypten_ref.py`` under the CrypTen venv for one case at a time."""
 
     def __init__(self, venv: Path, setup: Path, workdir: Path, *, repeat: int | None, threads: int | None,
-                 timeout_s: float = 3600.0) -> None:
+                 timeout_s: float = 900.0) -> None:
         self.python = venv / "bin" / "python"
         self.venv, self.setup = venv, setup
         self.dir = workdir / "crypten"

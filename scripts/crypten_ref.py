@@ -180,6 +180,15 @@ def run(data: dict[str, Any]) -> dict[str, Any]:
     import crypten
     import torch
 
+    # No torch compute in this process before the parties are forked: a forked child
+    # whose parent already started torch's OpenMP thread pool deadlocks in its first
+    # parallel op (seen with more than one thread per party).
+    world = 2
+    launch = crypten.mpc.run_multiprocess(world_size=world)(_party)
+    res = launch(data)
+    if not res or len(res) != world:
+        raise RuntimeError("a CrypTen party failed (see its log above)")
+
     model = torch_model(data["layers"])
     model.load_state_dict(data["state_dict"], strict=True)
     inputs, ours = data["inputs"], data["plain_logits"]
@@ -188,12 +197,6 @@ def run(data: dict[str, Any]) -> dict[str, Any]:
     same = max(float((p - q).abs().max()) for p, q in zip(plain, ours, strict=True))
     if same > 1e-5:
         raise SystemExit(3)  # reported by main(); weights or inputs differ from bench.py's
-
-    world = 2
-    launch = crypten.mpc.run_multiprocess(world_size=world)(_party)
-    res = launch(data)
-    if not res or len(res) != world:
-        raise RuntimeError("a CrypTen party failed (see its log above)")
     res = sorted(res, key=lambda r: r["rank"])
     per_rep = [max(r["times_ms"][i] for r in res) for i in range(data["repeats"])]
     outs = [torch.tensor(y, dtype=torch.float64) for y in res[0]["outs"]]
