@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -168,11 +169,14 @@ def _party(data: dict[str, Any]) -> dict[str, Any]:
         outs.append(y)
     st = comm.get().get_communication_stats()
     reps = data["repeats"]
-    # plain Python values only: a tensor in the result queue is passed as shared memory the
-    # exiting party must serve, and run_multiprocess joins the parties before reading it (hang)
-    return {"rank": rank, "times_ms": times, "outs": [y.tolist() for y in outs] if rank == 0 else None,
-            "rounds": st["rounds"] / reps, "bytes": st["bytes"] / reps,
-            "provider": str(cfg.mpc.provider), "threads": torch.get_num_threads()}
+    # The result goes to a file, not through run_multiprocess's queue: it joins the parties
+    # before reading the queue, so a result larger than a pipe buffer (64 KiB: e.g. batch
+    # 100 x 10 logits x 10 repeats) blocks the exiting party forever.
+    res = {"rank": rank, "times_ms": times, "outs": [y.tolist() for y in outs] if rank == 0 else None,
+           "rounds": st["rounds"] / reps, "bytes": st["bytes"] / reps,
+           "provider": str(cfg.mpc.provider), "threads": torch.get_num_threads()}
+    Path(data["result_dir"], f"rank{rank}.json").write_text(json.dumps(res))
+    return None
 
 
 def run(data: dict[str, Any]) -> dict[str, Any]:
@@ -185,9 +189,13 @@ def run(data: dict[str, Any]) -> dict[str, Any]:
     # parallel op (seen with more than one thread per party).
     world = 2
     launch = crypten.mpc.run_multiprocess(world_size=world)(_party)
-    res = launch(data)
-    if not res or len(res) != world:
-        raise RuntimeError("a CrypTen party failed (see its log above)")
+    with tempfile.TemporaryDirectory(prefix="crypten-ref-") as tmp:
+        if launch({**data, "result_dir": tmp}) is None:
+            raise RuntimeError("a CrypTen party failed (see its log above)")
+        files = [Path(tmp, f"rank{r}.json") for r in range(world)]
+        if not all(f.exists() for f in files):
+            raise RuntimeError("a CrypTen party wrote no result (see its log above)")
+        res = [json.loads(f.read_text()) for f in files]
 
     model = torch_model(data["layers"])
     model.load_state_dict(data["state_dict"], strict=True)
