@@ -7,6 +7,12 @@ ring / float64. The product target is a ratio <= ~15; tiny shapes are bound by p
 overhead, so read their absolute times too.
 
     .venv/bin/python scripts/bench_ring.py [--threads N] [--device cpu|cuda] [--seconds S]
+    .venv/bin/python scripts/bench_ring.py --models lenet,resnet --batch 64 [--device cuda]
+
+``--models`` times, instead of the fixed shapes, every Conv2d and Linear layer of the zoo
+models at ``--batch`` (the linear-layer compute of one secure inference: each party runs
+one ring product per layer with the opened ``E``, the same shapes) and prints one JSON
+line per model with the per-layer figures and their sums.
 
 Inputs are uniform ring elements from torch's non-secret default generator (benchmark
 data, not secrets).
@@ -105,15 +111,68 @@ def bench_case(
     }
 
 
+def model_layers(name: str, batch: int) -> list[tuple[str, tuple[int, ...], tuple[int, ...], dict[str, Any]]]:
+    """(kind, input shape, weight shape, conv options) of every Conv2d / Linear of a zoo model."""
+    import torch.nn as nn
+
+    from secureinfer import zoo
+
+    model, shape = {"lenet": (zoo.lenet, (1, 28, 28)), "resnet": (zoo.small_resnet, (3, 32, 32))}[name]
+    net = model().eval()
+    found: list[tuple[str, tuple[int, ...], tuple[int, ...], dict[str, Any]]] = []
+
+    def hook(mod: nn.Module, args: tuple[torch.Tensor, ...], _out: Any) -> None:
+        x = args[0]
+        if isinstance(mod, nn.Conv2d):
+            opts = {"stride": mod.stride, "padding": mod.padding, "groups": mod.groups}
+            found.append(("conv2d", tuple(x.shape), tuple(mod.weight.shape), opts))
+        else:
+            found.append(("matmul", tuple(x.shape), (mod.in_features, mod.out_features), {}))
+
+    hs = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        net(torch.zeros((batch, *shape)))
+    for h in hs:
+        h.remove()
+    return found
+
+
+def bench_model(name: str, batch: int, *, seconds: float, device: torch.device) -> dict[str, Any]:
+    """Ring product of every linear layer of ``name`` at ``batch`` vs the float64 op, summed."""
+    rows = []
+    for kind, sa, sb, opts in model_layers(name, batch):
+        a, b = ring_data(sa, device), ring_data(sb, device)
+        af, bf = a.to(torch.float64), b.to(torch.float64)
+        if kind == "matmul":
+            pb = ring.prepare(b)
+            fns = {"float64": lambda: af @ bf, "ring": lambda: ring.matmul(a, pb)}
+        else:
+            pb = ring.prepare_conv2d(b, groups=opts["groups"])
+            fns = {"float64": lambda: F.conv2d(af, bf, **opts), "ring": lambda: ring.conv2d(a, pb, **opts)}
+        t = timeit(fns, seconds=seconds / 4, device=device)
+        rows.append({"case": kind, "a": list(sa), "b": list(sb), "float64_us": round(t["float64"], 1),
+                     "ring_us": round(t["ring"], 1)})
+    f64, rg = sum(r["float64_us"] for r in rows), sum(r["ring_us"] for r in rows)
+    return {"model": name, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
+            "layers": len(rows), "float64_us_total": round(f64, 1), "ring_us_total": round(rg, 1),
+            "ratio": round(rg / f64, 2), "per_layer": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=2.0, help="time budget per case")
+    ap.add_argument("--models", default="", help="comma-separated zoo models (lenet, resnet): time their layers")
+    ap.add_argument("--batch", type=int, default=64, help="batch for --models")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.models:
+        for name in args.models.split(","):
+            print(json.dumps(bench_model(name, args.batch, seconds=args.seconds, device=device)), flush=True)
+        return
     for sa, sb in MATMUL_CASES:
         print(json.dumps(bench_case("matmul", sa, sb, seconds=args.seconds, device=device)), flush=True)
     for sa, sb in CONV_CASES:
