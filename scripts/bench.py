@@ -408,9 +408,8 @@ def crypten_ratios(ours: dict[str, Any], ref: dict[str, Any]) -> dict[str, float
 
 
 def _anchor_ok(python: Path) -> bool:
-    probe = ("import sys, types; r = types.ModuleType('r'); r.registry = None; "
-             "sys.modules['torch.onnx._internal.registration'] = r; import crypten")
-    return python.exists() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0
+    cmd = [str(python), str(ROOT / "scripts" / "crypten_ref.py"), "--check"]
+    return python.exists() and subprocess.run(cmd, capture_output=True).returncode == 0
 
 
 class CryptenRunner:

@@ -81,8 +81,11 @@ def ring_data(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 def bench_case(
-    kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: float, device: torch.device
+    kind: str, sa: tuple[int, ...], sb: tuple[int, ...], *, seconds: float, device: torch.device,
+    opts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Times of one exact ring product (``opts``: conv2d stride/padding/groups) vs float64."""
+    opts = opts or {}
     a, b = ring_data(sa, device), ring_data(sb, device)
     af, bf = a.to(torch.float64), b.to(torch.float64)
     if kind == "matmul":
@@ -91,9 +94,10 @@ def bench_case(
         fast, slow = (lambda: ring.matmul(a, pb)), (lambda: ring.matmul(a, b))
         assert torch.equal(ring.matmul(a, pb), (a.cpu() @ b.cpu()).to(device))
     else:
-        pb = ring.prepare_conv2d(b)
-        f64, prep = (lambda: F.conv2d(af, bf)), (lambda: ring.prepare_conv2d(b))
-        fast, slow = (lambda: ring.conv2d(a, pb)), (lambda: ring.conv2d(a, b))
+        groups = opts.get("groups", 1)
+        pb = ring.prepare_conv2d(b, groups=groups)
+        f64, prep = (lambda: F.conv2d(af, bf, **opts)), (lambda: ring.prepare_conv2d(b, groups=groups))
+        fast, slow = (lambda: ring.conv2d(a, pb, **opts)), (lambda: ring.conv2d(a, b, **opts))
     fns = {"float64": f64, "prepared": fast, "unprepared": slow, "prepare": prep}
     t = timeit(fns, seconds=seconds, device=device)
     return {
@@ -139,20 +143,9 @@ def model_layers(name: str, batch: int) -> list[tuple[str, tuple[int, ...], tupl
 
 def bench_model(name: str, batch: int, *, seconds: float, device: torch.device) -> dict[str, Any]:
     """Ring product of every linear layer of ``name`` at ``batch`` vs the float64 op, summed."""
-    rows = []
-    for kind, sa, sb, opts in model_layers(name, batch):
-        a, b = ring_data(sa, device), ring_data(sb, device)
-        af, bf = a.to(torch.float64), b.to(torch.float64)
-        if kind == "matmul":
-            pb = ring.prepare(b)
-            fns = {"float64": lambda: af @ bf, "ring": lambda: ring.matmul(a, pb)}
-        else:
-            pb = ring.prepare_conv2d(b, groups=opts["groups"])
-            fns = {"float64": lambda: F.conv2d(af, bf, **opts), "ring": lambda: ring.conv2d(a, pb, **opts)}
-        t = timeit(fns, seconds=seconds / 4, device=device)
-        rows.append({"case": kind, "a": list(sa), "b": list(sb), "float64_us": round(t["float64"], 1),
-                     "ring_us": round(t["ring"], 1)})
-    f64, rg = sum(r["float64_us"] for r in rows), sum(r["ring_us"] for r in rows)
+    rows = [bench_case(kind, sa, sb, seconds=seconds / 4, device=device, opts=opts)
+            for kind, sa, sb, opts in model_layers(name, batch)]
+    f64, rg = sum(r["float64_us"] for r in rows), sum(r["ring_prepared_us"] for r in rows)
     return {"model": name, "batch": batch, "device": str(device), "threads": torch.get_num_threads(),
             "layers": len(rows), "float64_us_total": round(f64, 1), "ring_us_total": round(rg, 1),
             "ratio": round(rg / f64, 2), "per_layer": rows}
