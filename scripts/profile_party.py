@@ -150,7 +150,7 @@ def instrument(t: Timers) -> None:
     t.wrap(session_mod, "pack_ring", "pack/unpack ring")
     t.wrap(session_mod, "unpack_ring", "pack/unpack ring")
     t.wrap(wire, "bundle_to_bytes", "bundle serialize")
-    t.wrap(wire, "bundle_from_bytes", "bundle parse (protobuf)")
+    t.wrap(wire, "bundle_from_bytes", "bundle parse")
     callers = [runner, plan_mod]
     try:
         from secureinfer.engine import ops as ops_mod
@@ -193,7 +193,7 @@ def install_process_timers(outdir: str) -> None:
     t.wrap(party_server.PartyServer, "infer", "party: infer (checks, Session, response)")
     t.wrap(party_server.PartyServer, "material", "party: material (Bind RPC, cache or Fetch)")
     t.wrap(party_server.MaterialCache, "take", "party: material cache take")
-    t.wrap(party_server, "bundle_from_bytes", "bundle parse (protobuf)")
+    t.wrap(party_server, "bundle_from_bytes", "bundle parse")
     t.wrap(party_server, "run_plan", "party: run_plan (loop)")
     t.wrap(party_server, "share_from_proto", "party: input share_from_proto")
     t.wrap(party_server, "tensor_to_proto", "party: output tensor_to_proto")

@@ -99,7 +99,8 @@ class DealerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """One party's material for one session; chunks concatenate to a serialized Bundle.
+        """One party's material for one session; chunks concatenate to the framed layout of
+        secureinfer/dealer/wire.py (magic "SIMB", length-prefixed entries).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
