@@ -219,9 +219,10 @@ class DealerStats:
         return {}
 
     def activity(self) -> tuple[int, ...]:
-        """Counters that move while the dealer generates or parties prefetch."""
+        """Counters that move while the dealer generates or parties prefetch, and the
+        ``generating`` gauge (a set in progress moves no counter until it completes)."""
         c = self.counters()
-        return (c.get("sets_generated", 0), c.get("parts_prefetched", 0))
+        return (c.get("sets_generated", 0), c.get("parts_prefetched", 0), c.get("generating", 0))
 
     def wait_full(self, target: float, *, timeout: float = 30.0) -> float:
         """Wait until generation and prefetching have been idle for a moment (pools full)."""
@@ -234,7 +235,7 @@ class DealerStats:
                 break
             if level != last:
                 last, stable_since = level, time.monotonic()
-            if time.monotonic() - stable_since > 0.3:
+            if level[-1] == 0 and time.monotonic() - stable_since > 0.3:
                 break
             time.sleep(0.02)
         else:

@@ -152,6 +152,7 @@ class DealerCore:
             "binds_fallback": 0, "sets_expired": 0, "refused_too_large": 0, "refused_busy": 0,
             "sets_claimed": 0, "claimed_void": 0,
         }
+        self._in_generation = 0  # sets being generated now (pool filler and request path)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -269,9 +270,15 @@ class DealerCore:
             return self._generate_audit(m, purpose)
         plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax",
                             dp_clip=1.0 if purpose == "dp" else None)  # the bound is not in the material
-        b = BundleBuilder(m.n_parties)
-        generate_request_material(plan, b, m.masks)
-        parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
+        with self._lock:
+            self._in_generation += 1
+        try:
+            b = BundleBuilder(m.n_parties)
+            generate_request_material(plan, b, m.masks)
+            parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
+        finally:
+            with self._lock:
+                self._in_generation -= 1
         with self._lock:
             self.counters["sets_generated"] += 1
             m.set_bytes[(batch, purpose)] = sum(len(p) for p in parts if p is not None)
@@ -344,6 +351,18 @@ class DealerCore:
             return self._generate(m, batch, purpose)
         finally:
             self._generating.release()
+
+    def stats(self) -> dict[str, int]:
+        """Monotonic counters plus gauges: ``generating`` (sets being generated now),
+        ``pooled_sets`` and ``pooled_bytes`` (unbound material held), ``claimed_sets``."""
+        with self._lock:
+            return {
+                **self.counters,
+                "generating": self._in_generation,
+                "pooled_sets": sum(len(pool) for pool in self._pools.values()),
+                "pooled_bytes": self._pooled_bytes(),
+                "claimed_sets": len(self._claimed),
+            }
 
     def _pooled_bytes(self) -> int:
         """Bytes of every pooled part not yet handed out (the pool's memory)."""

@@ -148,7 +148,7 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
     def Stats(self, req: Any, ctx: grpc.ServicerContext) -> Any:
         def run() -> dealer_pb2.StatsResponse:
             tls.require_role(ctx, ROLE_PARTY, ROLE_OWNER, insecure_metadata=not self.s.settings.tls)
-            return dealer_pb2.StatsResponse(counters=dict(self.s.core.counters))
+            return dealer_pb2.StatsResponse(counters=self.s.core.stats())
 
         return self._guard(ctx, "stats", run)
 

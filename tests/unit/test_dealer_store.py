@@ -220,3 +220,34 @@ def test_claimed_sets_are_ready_sets_delegated_once_and_never_bound_again() -> N
         assert core.claim("d", party_id=0, batch=1, purpose="logits") == ([], [])
     finally:
         core.stop()
+
+
+def test_stats_gauges_track_generation_and_pool(monkeypatch) -> None:
+    import threading
+
+    from secureinfer.dealer import core as core_mod
+
+    core = DealerCore(master_key=os.urandom(32), pool_size=0)
+    g = _graph_json()
+    core.register("d", g, party_id=0, n_parties=2)
+    core.register("d", g, party_id=1, n_parties=2)
+    assert core.stats()["generating"] == 0 and core.stats()["pooled_sets"] == 0
+    entered, release = threading.Event(), threading.Event()
+    real = core_mod.generate_request_material
+
+    def slow(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_mod, "generate_request_material", slow)
+    th = threading.Thread(target=core.fetch, args=("d", "s"), kwargs={"party_id": 0, "batch": 1, "purpose": "logits"})
+    th.start()
+    assert entered.wait(10)
+    during = core.stats()
+    release.set()
+    th.join(10)
+    after = core.stats()
+    assert during["generating"] == 1 and during["sets_generated"] == 0
+    assert after["generating"] == 0 and after["sets_generated"] == 1
+    assert {"pooled_sets", "pooled_bytes", "claimed_sets"} <= after.keys()
