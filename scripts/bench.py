@@ -276,10 +276,10 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
     model, inputs = case.build(case.batch)
     n = repeat or case.measured
     log(f"{name}: {case.description}; deploying")
-    deploy(model, inputs(0), name=name, config=cluster.config_path)
-    pool_keys[0] += 1  # a new deployment pools batch 1 by default
-    if case.batch != 1:
-        pool_keys[0] += 1  # ... and, once requested, its own batch size
+    # batch 1 is pooled from deploy time on; pool.batches pre-warms the case's own size too
+    params = {"pool.batches": str(case.batch)} if case.batch != 1 else None
+    deploy(model, inputs(0), name=name, config=cluster.config_path, parameters=params)
+    pool_keys[0] += 1 if case.batch == 1 else 2
     with Client(cluster.config_path) as client:
         log(f"{name}: {case.warmup} warm-up request(s)")
         warm, _, _ = _requests(client, name, inputs, range(10_000, 10_000 + case.warmup), stats=stats,

@@ -26,7 +26,8 @@ from contextlib import contextmanager
 
 from secureinfer.errors import InvalidArgumentError, ResourceExhaustedError
 
-__all__ = ["BUCKET_BITS", "ConcurrencyLimiter", "RateLimiter", "batch_bucket"]
+__all__ = ["BUCKET_BITS", "MAX_PREWARM_BATCHES", "PREWARM_PARAMETER", "ConcurrencyLimiter", "RateLimiter", "batch_bucket",
+           "prewarm_batches"]
 
 BUCKET_BITS = 3
 
@@ -38,6 +39,37 @@ def batch_bucket(batch: int, *, bits: int = BUCKET_BITS) -> int:
         raise InvalidArgumentError(f"batch must be >= 1, got {batch}")
     shift = max(0, batch.bit_length() - bits)
     return -(-batch >> shift) << shift if shift else batch
+
+
+#: deployment parameter: batch sizes whose dealer material is pooled from deploy time on
+PREWARM_PARAMETER = "pool.batches"
+MAX_PREWARM_BATCHES = 4
+
+
+def prewarm_batches(parameters: dict[str, str], *, max_batch: int) -> list[int]:
+    """Buckets of the batch sizes named by ``parameters["pool.batches"]`` (e.g. ``"1,32"``).
+
+    Batch 1 is always pooled; this names further sizes so that the first request of that
+    size after a deploy (or a party restart) finds material prefetched instead of waiting
+    for the dealer to generate it on the request path. Raises InvalidArgumentError for
+    anything but 1..``MAX_PREWARM_BATCHES`` integers in 1..``max_batch``.
+    """
+    raw = parameters.get(PREWARM_PARAMETER, "").strip()
+    if not raw:
+        return []
+    out: list[int] = []
+    for item in raw.split(","):
+        try:
+            b = int(item.strip())
+        except ValueError:
+            raise InvalidArgumentError(f"{PREWARM_PARAMETER}: {item.strip()!r} is not an integer batch size") from None
+        if not 1 <= b <= max_batch:
+            raise InvalidArgumentError(f"{PREWARM_PARAMETER}: batch {b} outside 1..{max_batch}")
+        if batch_bucket(b) not in out:
+            out.append(batch_bucket(b))
+    if len(out) > MAX_PREWARM_BATCHES:
+        raise InvalidArgumentError(f"{PREWARM_PARAMETER}: at most {MAX_PREWARM_BATCHES} batch sizes, got {len(out)}")
+    return out
 
 
 class ConcurrencyLimiter:

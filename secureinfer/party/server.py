@@ -47,7 +47,7 @@ from secureinfer.graph.ir import Graph
 from secureinfer.log import Logger
 from secureinfer.dp.ledger import BudgetLedger
 from secureinfer.party.dp import DpPolicy
-from secureinfer.party.limits import ConcurrencyLimiter, RateLimiter, batch_bucket
+from secureinfer.party.limits import ConcurrencyLimiter, RateLimiter, batch_bucket, prewarm_batches
 from secureinfer.party.material import MaterialCache, read_chunks
 from secureinfer.party.store import ModelRecord, ModelStore, check_name
 from secureinfer.protocols.session import Session
@@ -237,6 +237,8 @@ class PartyServer:
         if stale is not None:
             self.cache.forget(stale)
         self.cache.want((rec.deployment_id, 1, lm.default_purpose))
+        for b in prewarm_batches(rec.parameters, max_batch=MAX_BATCH):
+            self.cache.want((rec.deployment_id, b, lm.default_purpose))
         return lm
 
     def _prepare_material(self, key: tuple[str, int, str], bundle: PartyBundle) -> None:
@@ -515,6 +517,7 @@ class PartyServer:
         shares = _parse_weight_shares(payload, graph)
         out_dim = compile_plan(graph, batch=1, n_parties=self.n).output_shape[-1]
         DpPolicy.from_parameters(dict(header.parameters), frac_bits=graph.frac_bits, dim=out_dim, n_parties=self.n)
+        prewarm_batches(dict(header.parameters), max_batch=MAX_BATCH)  # refuse a bad list before storing
         try:  # durable, atomic; the id stays used even if this deploy fails below
             self.store.claim_deployment(dep, name=name, version=version)
         except AlreadyExistsError as exc:

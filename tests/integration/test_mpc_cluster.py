@@ -197,3 +197,40 @@ def test_three_party_cluster(tmp_path, data_transport: str) -> None:
 def test_shape_error_message_names_expected_shape(cluster: LocalCluster, digits) -> None:
     with Client(cluster.config_path) as c, pytest.raises(InvalidArgumentError, match="expects input of shape"):
         c.infer("digits", np.zeros((1, 8, 8), dtype=np.float32))
+
+
+def _dealer_counters(cluster: LocalCluster) -> dict[str, int]:
+    from secureinfer.v1 import dealer_pb2, dealer_pb2_grpc
+
+    topo = cluster.topology
+    ident = topo.identity("owner")
+    ch = tls.open_channel(topo.dealer.address, settings=topo.cluster, cert=ident.cert, key=ident.key)
+    try:
+        return dict(dealer_pb2_grpc.DealerStub(ch).Stats(dealer_pb2.StatsRequest(), timeout=5.0).counters)
+    finally:
+        ch.close()
+
+
+def test_pool_batches_prewarms_a_batch_size_from_deploy_time(cluster: LocalCluster, digits) -> None:
+    model, x_te, plain = digits
+    with pytest.raises(InvalidArgumentError, match="pool.batches"):
+        deploy(model, torch.from_numpy(x_te[:1]), name="prewarm-bad", config=cluster.config_path,
+               parameters={"pool.batches": "0"})
+    deploy(model, torch.from_numpy(x_te[:1]), name="prewarm", config=cluster.config_path,
+           parameters={"pool.batches": "6"})
+    # wait until the dealer is idle: generation done, parts prefetched and claimed
+    last, since, t0 = None, time.monotonic(), time.monotonic()
+    while time.monotonic() - t0 < 60:
+        c = _dealer_counters(cluster)
+        level = (c["sets_generated"], c["parts_prefetched"], c["sets_claimed"], c["generating"])
+        if level != last:
+            last, since = level, time.monotonic()
+        elif c["generating"] == 0 and time.monotonic() - since > 1.0:
+            break
+        time.sleep(0.1)
+    binds = c["binds_prefetched"] + c["binds_fallback"]
+    with Client(cluster.config_path) as cl:
+        out = cl.infer("prewarm", x_te[:6])  # the first batch-6 request of this deployment
+    after = _dealer_counters(cluster)
+    assert after["binds_prefetched"] + after["binds_fallback"] == binds  # no dealer call on the request path
+    assert (out.argmax(1) == plain[:6].argmax(1)).all()

@@ -13,7 +13,7 @@ from torch import nn
 from secureinfer.dealer.core import DealerCore
 from secureinfer.errors import InvalidArgumentError, ResourceExhaustedError
 from secureinfer.graph.torch_import import from_torch
-from secureinfer.party.limits import ConcurrencyLimiter, batch_bucket
+from secureinfer.party.limits import ConcurrencyLimiter, batch_bucket, prewarm_batches
 from secureinfer.party.material import MaterialCache
 
 
@@ -99,3 +99,11 @@ def test_concurrency_limit_per_caller() -> None:
             pass
     with lim.hold("c", who="p"):  # released slots are free again
         pass
+
+
+def test_prewarm_batches_parameter_is_validated() -> None:
+    assert prewarm_batches({}, max_batch=4096) == []
+    assert prewarm_batches({"pool.batches": " 32, 9,32,10"}, max_batch=4096) == [32, 10]  # buckets, once each
+    for bad in ("x", "0", "5000", "1,2,3,4,5", "3,,4"):
+        with pytest.raises(InvalidArgumentError, match="pool.batches"):
+            prewarm_batches({"pool.batches": bad}, max_batch=4096)
