@@ -153,6 +153,7 @@ class DealerCore:
             "sets_claimed": 0, "claimed_void": 0,
         }
         self._in_generation = 0  # sets being generated now (pool filler and request path)
+        self._filling: dict[_Key, int] = {}  # kinds the pool filler is generating now
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -486,8 +487,16 @@ class DealerCore:
             b = self._sessions.get(session_id)
             if b is not None:
                 return b
-            pool = self._pools.get(key, OrderedDict())
-            fresh = next((s for s in pool.values() if not s.delivered), None)
+            # A set of this kind the pool filler is generating now arrives sooner than a
+            # second one started beside it (both would share the same cores): wait for it.
+            until = time.monotonic() + self.generate_wait_s
+            while True:
+                pool = self._pools.get(key, OrderedDict())
+                fresh = next((s for s in pool.values() if not s.delivered), None)
+                left = until - time.monotonic()
+                if fresh is not None or not self._filling.get(key) or left <= 0:
+                    break
+                self._lock.wait(left)
             if fresh is not None:
                 del pool[fresh.set_id]
         s = fresh if fresh is not None else self._generate_bounded(m, batch, purpose)
@@ -586,6 +595,13 @@ class DealerCore:
                     return m, dep, batch, purpose
         return None
 
+    def _done_filling(self, key: _Key) -> None:
+        """The filler finished (or failed) a set of ``key`` (lock held); wake waiting Binds."""
+        self._filling[key] -= 1
+        if not self._filling[key]:
+            del self._filling[key]
+        self._lock.notify_all()
+
     def _refill_loop(self) -> None:
         while not self._stop.is_set():
             with self._lock:
@@ -595,8 +611,17 @@ class DealerCore:
                     self._lock.wait(timeout=1.0)
                     continue
             m, dep, batch, purpose = job
-            s = self._generate(m, batch, purpose)
+            key = (dep, batch, purpose)
             with self._lock:
+                self._filling[key] = self._filling.get(key, 0) + 1
+            try:
+                s = self._generate(m, batch, purpose)
+            except BaseException:
+                with self._lock:
+                    self._done_filling(key)
+                raise
+            with self._lock:  # pooled and no longer "filling" at once: a waiting Bind sees one or the other
+                self._done_filling(key)
                 if self._models.get(dep) is m:
                     self._pools.setdefault((dep, batch, purpose), OrderedDict())[s.set_id] = s
                     self._lock.notify_all()

@@ -163,6 +163,19 @@ class MaterialCache:
                 e.claimed.clear()
             return n
 
+    def wait_ready(self, keys: list[Key], *, timeout: float) -> bool:
+        """Wait until this party can serve a request of every kind in ``keys`` without a
+        dealer call: it holds a part (the binder: a claimed set) of each. False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                ready = all((e := self._entries.get(k)) is not None and (e.claimed if self.binder else e.sets)
+                            for k in keys)
+                left = deadline - time.monotonic()
+                if ready or left <= 0:
+                    return ready
+                self._cond.wait(min(left, 0.5))
+
     def held(self) -> int:
         with self._cond:
             return sum(len(e.sets) for e in self._entries.values())

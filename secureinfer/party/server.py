@@ -241,6 +241,20 @@ class PartyServer:
             self.cache.want((rec.deployment_id, b, lm.default_purpose))
         return lm
 
+    def _await_prewarm(self, lm: LoadedModel) -> None:
+        """After a deploy with ``pool.batches``: return once this party holds material for
+        batch 1 and every named size (so the first such request makes no dealer call), or
+        after half the request timeout (then the first request may wait for generation)."""
+        batches = prewarm_batches(lm.record.parameters, max_batch=MAX_BATCH)
+        if not batches:
+            return
+        dep = lm.record.deployment_id
+        keys = [(dep, b, lm.default_purpose) for b in [1, *batches]]
+        t0 = time.monotonic()
+        ready = self.cache.wait_ready(keys, timeout=self.settings.request_timeout_s / 2)
+        self.log.info("prewarm", deployment=dep, batches=",".join(map(str, batches)), ready=ready,
+                      wait_ms=round((time.monotonic() - t0) * 1e3))
+
     def _prepare_material(self, key: tuple[str, int, str], bundle: PartyBundle) -> None:
         """Prefetcher hook: precompute the input-independent parts of a cached set."""
         with self._lock:
@@ -544,7 +558,8 @@ class PartyServer:
         with self._lock:
             old = self._models.get((name, version))
         self.store.save(rec, replace=header.replace)
-        self._install(rec)
+        lm = self._install(rec)
+        self._await_prewarm(lm)
         if old is not None and old.record.deployment_id != dep:
             try:  # the replaced deployment's masks are no longer needed
                 self.dealer.Release(dealer_pb2.ReleaseRequest(deployment_id=old.record.deployment_id),

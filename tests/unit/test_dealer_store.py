@@ -251,3 +251,40 @@ def test_stats_gauges_track_generation_and_pool(monkeypatch) -> None:
     assert during["generating"] == 1 and during["sets_generated"] == 0
     assert after["generating"] == 0 and after["sets_generated"] == 1
     assert {"pooled_sets", "pooled_bytes", "claimed_sets"} <= after.keys()
+
+
+def test_bind_waits_for_the_set_the_filler_is_generating(monkeypatch) -> None:
+    import threading
+
+    from secureinfer.dealer import core as core_mod
+
+    core = DealerCore(master_key=os.urandom(32), pool_size=1)
+    g = _graph_json()
+    entered, release = threading.Event(), threading.Event()
+    real = core_mod.generate_request_material
+    calls: list[int] = []
+
+    def slow(*args, **kwargs):
+        calls.append(1)
+        entered.set()
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core_mod, "generate_request_material", slow)
+    core.register("d", g, party_id=0, n_parties=2)
+    core.register("d", g, party_id=1, n_parties=2)
+    core.start()
+    try:
+        assert entered.wait(10)  # the filler is generating the (1, logits) set
+        got: list = []
+        th = threading.Thread(target=lambda: got.append(_fetch(core, "d", "s", 0, batch=1, purpose="logits")))
+        th.start()
+        th.join(0.3)
+        assert th.is_alive() and len(calls) == 1  # waiting for the filler's set, not generating a second
+        release.set()
+        th.join(10)
+        assert got and core.stats()["binds_fallback"] == 1
+        assert all(got[0][0] not in pool for pool in core._pools.values())  # the set left the pool
+    finally:
+        release.set()
+        core.stop()
