@@ -69,6 +69,10 @@ MAX_DEPLOY_BYTES = 1 << 31
 OUTPUTS = ("logits", "argmax")
 
 
+#: how long a deploy without ``pool.batches`` waits for its first batch-1 set
+_PREWARM_BATCH1_S = 3.0
+
+
 @dataclass
 class LoadedModel:
     record: ModelRecord
@@ -242,16 +246,20 @@ class PartyServer:
         return lm
 
     def _await_prewarm(self, lm: LoadedModel) -> None:
-        """After a deploy with ``pool.batches``: return once this party holds material for
-        batch 1 and every named size (so the first such request makes no dealer call), or
-        after half the request timeout (then the first request may wait for generation)."""
-        batches = prewarm_batches(lm.record.parameters, max_batch=MAX_BATCH)
-        if not batches:
+        """After a deploy: return once this party holds material for batch 1 and every size
+        in ``pool.batches`` (so the first such request makes no dealer call), or after a
+        bound: half the request timeout with ``pool.batches``, else ``_PREWARM_BATCH1_S``
+        (a set too large for the pool never arrives; then the first request waits for
+        generation). No wait when the dealer or this party does not pool at all."""
+        if self.topology.dealer.pool_size <= 0 or self.cache.depth <= 0:
             return
+        batches = prewarm_batches(lm.record.parameters, max_batch=MAX_BATCH)
         dep = lm.record.deployment_id
-        keys = [(dep, b, lm.default_purpose) for b in [1, *batches]]
+        keys = [(dep, b, lm.default_purpose) for b in dict.fromkeys([1, *batches])]
+        half = self.settings.request_timeout_s / 2
+        bound = half if batches else min(_PREWARM_BATCH1_S, half)
         t0 = time.monotonic()
-        ready = self.cache.wait_ready(keys, timeout=self.settings.request_timeout_s / 2)
+        ready = self.cache.wait_ready(keys, timeout=bound)
         self.log.info("prewarm", deployment=dep, batches=",".join(map(str, batches)), ready=ready,
                       wait_ms=round((time.monotonic() - t0) * 1e3))
 
