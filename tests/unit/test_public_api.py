@@ -21,3 +21,13 @@ def test_errors_map_to_grpc_codes() -> None:
     assert ShapeError.grpc_code == "INVALID_ARGUMENT"
     assert BudgetExhaustedError.grpc_code == "RESOURCE_EXHAUSTED"
     assert isinstance(error_from_status("UNAVAILABLE", "x"), secureinfer.PeerUnavailableError)
+
+
+def test_module_all_lists_resolve() -> None:
+    import importlib
+
+    for mod in ("secureinfer.party.server", "secureinfer.party.services", "secureinfer.dealer.wire",
+                "secureinfer.party.limits"):
+        m = importlib.import_module(mod)
+        for name in m.__all__:
+            assert hasattr(m, name), f"{mod}.{name}"
