@@ -66,7 +66,8 @@ Output: one JSON line per (case, setting) on stdout, a table on stderr::
 
 (``rtt_ms`` 0 and ``bandwidth_mbit`` null: the baseline row.) ``dealer_counters``: how the
 dealer's counters moved over the measured requests (``binds_prefetched`` /
-``binds_fallback``...). Bracketed fields: tun backend only; ``wire_bytes_per_request`` is
+``binds_fallback``...); the gauges ``generating``, ``pooled_sets``, ``pooled_bytes``,
+``claimed_sets`` are their values at the end. Bracketed fields: tun backend only; ``wire_bytes_per_request`` is
 the median over the requests of the bytes on the wire (headers included) per host pair
 ``"src>dst"`` (``d`` dealer, ``c`` client, ``pN`` parties) between just before and just
 after each request, read from the relay: ``p0>p1`` checks the ``bytes_per_party`` term

@@ -48,6 +48,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+#: dealer Stats entries that are gauges, not counters (see DealerCore.stats)
+_GAUGES = frozenset({"generating", "pooled_sets", "pooled_bytes", "claimed_sets"})
+
 
 # ----------------------------------------------------------------------------- ping
 
@@ -213,7 +216,9 @@ class Driver:
         return {
             "ok": True, "costs": costs, "wait_s_median": round(statistics.median(waits), 3),
             "wire_bytes": wire,  # per request: wire bytes per "src>dst" device pair (tun backend)
-            "dealer_counters": {k: dealer1.get(k, 0) - dealer0.get(k, 0) for k in dealer1 if dealer1.get(k, 0) != dealer0.get(k, 0)},
+            # monotonic counters as the change over this setting; gauges as their value at the end
+            "dealer_counters": {k: v if k in _GAUGES else v - dealer0.get(k, 0) for k, v in dealer1.items()
+                                if k in _GAUGES or v != dealer0.get(k, 0)},
             "argmax_agreement": float((secure.argmax(1) == plain.argmax(1)).mean()),
             "max_abs_error": float(np.abs(secure - plain).max()),
         }
