@@ -48,8 +48,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-#: dealer Stats entries that are gauges, not counters (see DealerCore.stats)
-_GAUGES = frozenset({"generating", "pooled_sets", "pooled_bytes", "claimed_sets"})
+from secureinfer.dealer.core import STATS_GAUGES as _GAUGES  # noqa: E402  (after the sys.path setup)
 
 
 # ----------------------------------------------------------------------------- ping

@@ -66,7 +66,10 @@ from secureinfer.graph.ir import Graph
 from secureinfer.prg import derive_seed, fresh_seed
 from secureinfer.watermark.mpc import AUDIT_PREFIX, audit_material, parse_purpose
 
-__all__ = ["BINDER", "NONCE_BYTES", "DealerCore", "PURPOSES", "Registration"]
+__all__ = ["BINDER", "NONCE_BYTES", "STATS_GAUGES", "DealerCore", "PURPOSES", "Registration"]
+
+#: entries of :meth:`DealerCore.stats` that are gauges (current values), not counters
+STATS_GAUGES = frozenset({"generating", "pooled_sets", "pooled_bytes", "claimed_sets"})
 
 PURPOSES = ("logits", "argmax", "dp")
 NONCE_BYTES = 32  # per-deployment seed nonce (os.urandom)

@@ -243,10 +243,15 @@ class PartyServer:
                 del self._by_deployment[stale]
         if stale is not None:
             self.cache.forget(stale)
-        self.cache.want((rec.deployment_id, 1, lm.default_purpose))
-        for b in prewarm_batches(rec.parameters, max_batch=MAX_BATCH):
-            self.cache.want((rec.deployment_id, b, lm.default_purpose))
+        for key in self._prewarm_keys(lm):
+            self.cache.want(key)
         return lm
+
+    @staticmethod
+    def _prewarm_keys(lm: LoadedModel) -> list[tuple[str, int, str]]:
+        """Material kinds pooled from load time on: batch 1 and every ``pool.batches`` size."""
+        batches = prewarm_batches(lm.record.parameters, max_batch=MAX_BATCH)
+        return [(lm.record.deployment_id, b, lm.default_purpose) for b in dict.fromkeys([1, *batches])]
 
     def _await_prewarm(self, lm: LoadedModel) -> None:
         """After a deploy: return once this party holds material for batch 1 and every size
@@ -256,15 +261,13 @@ class PartyServer:
         generation). No wait when the dealer or this party does not pool at all."""
         if self.topology.dealer.pool_size <= 0 or self.cache.depth <= 0:
             return
-        batches = prewarm_batches(lm.record.parameters, max_batch=MAX_BATCH)
-        dep = lm.record.deployment_id
-        keys = [(dep, b, lm.default_purpose) for b in dict.fromkeys([1, *batches])]
+        keys = self._prewarm_keys(lm)
         half = self.settings.request_timeout_s / 2
-        bound = half if batches else min(_PREWARM_BATCH1_S, half)
+        bound = half if len(keys) > 1 else min(_PREWARM_BATCH1_S, half)
         t0 = time.monotonic()
         ready = self.cache.wait_ready(keys, timeout=bound)
-        self.log.info("prewarm", deployment=dep, batches=",".join(map(str, batches)), ready=ready,
-                      wait_ms=round((time.monotonic() - t0) * 1e3))
+        self.log.info("prewarm", deployment=lm.record.deployment_id, batches=",".join(str(k[1]) for k in keys),
+                      ready=ready, wait_ms=round((time.monotonic() - t0) * 1e3))
 
     def _prepare_material(self, key: tuple[str, int, str], bundle: PartyBundle) -> None:
         """Prefetcher hook: precompute the input-independent parts of a cached set."""
