@@ -181,19 +181,21 @@ def install_process_timers(outdir: str) -> None:
     import signal
 
     from secureinfer.dealer import core as dealer_core
-    from secureinfer.dealer import server as dealer_server
     from secureinfer.party import server as party_server
+    from secureinfer.party import material as party_material
+    from secureinfer.party import services as party_services
     from secureinfer.transport.grpc import GrpcTransport
     from secureinfer.transport.stream import StreamTransport
 
     t = Timers()
     t.role = lambda: "refill" if threading.current_thread().name.startswith("dealer-pool") else "rpc"  # type: ignore[method-assign]
     instrument(t)
-    t.wrap(party_server._Inference, "Infer", "party: Infer handler (auth, deadline)")
+    t.wrap(party_services.InferenceService, "Infer", "party: Infer handler (auth, deadline)")
     t.wrap(party_server.PartyServer, "infer", "party: infer (checks, Session, response)")
     t.wrap(party_server.PartyServer, "material", "party: material (Bind RPC, cache or Fetch)")
     t.wrap(party_server.MaterialCache, "take", "party: material cache take")
     t.wrap(party_server, "bundle_from_bytes", "bundle parse")
+    t.wrap(party_material, "bundle_from_bytes", "bundle parse")
     t.wrap(party_server, "run_plan", "party: run_plan (loop)")
     t.wrap(party_server, "share_from_proto", "party: input share_from_proto")
     t.wrap(party_server, "tensor_to_proto", "party: output tensor_to_proto")
@@ -205,7 +207,7 @@ def install_process_timers(outdir: str) -> None:
     t.wrap(StreamTransport, "recv", "transport: recv (wait for peer)")
     t.wrap(dealer_core.DealerCore, "fetch", "dealer: fetch (lock, pool pop)")
     t.wrap(dealer_core.DealerCore, "_generate", "dealer: generate set (other)")
-    t.wrap(dealer_server, "bundle_to_bytes", "bundle serialize")
+    t.wrap(dealer_core, "bundle_to_bytes", "bundle serialize")
     t.wrap(plan_mod, "generate_request_material", "dealer: generate_request_material (other)")
     signal.signal(signal.SIGUSR1, lambda *_: t.reset())
 
