@@ -16,7 +16,11 @@ It prints ONE JSON line per case to stdout (logs go to stderr)::
      "latency_ms_back_to_back_median", "latency_ms_back_to_back_p90", "party_ms_median",
      "rounds", "bytes_online", "bytes_offline", "bytes_client_up", "bytes_client_down",
      "pool_hit_rate_spaced", "pool_hit_rate_back_to_back", "argmax_agreement",
-     "max_abs_error", "samples", "plaintext_ms", "party_threads", "dealer_nice"}
+     "max_abs_error", "samples", "plaintext_ms", "relu_range", "party_threads", "dealer_nice"}
+
+Models are deployed with 64 calibration inputs (batches no measured request uses), so
+every ReLU compares on its calibrated range (``secureinfer.graph.ranges``: 8x the largest
+value seen); ``--no-calibrate`` deploys with the default 2^15 range instead.
 
 Latencies are measured at the client (encode, share, both Infer calls, reconstruct);
 ``party_ms_median`` is the slowest party's own time (dealer fetch included); bytes are per
@@ -271,14 +275,27 @@ def _requests(
     return costs, outs, hits
 
 
+#: calibration batches for --calibrate: drawn like the measured inputs, never measured
+_CALIBRATION_INDEX = 30_000
+_CALIBRATION_SAMPLES = 64
+
+
+def calibration_batch(inputs: InputFn, batch: int) -> torch.Tensor:
+    """``_CALIBRATION_SAMPLES`` inputs from batches no measured request uses."""
+    k = -(-_CALIBRATION_SAMPLES // batch)
+    return torch.cat([inputs(_CALIBRATION_INDEX + i) for i in range(k)])[:_CALIBRATION_SAMPLES]
+
+
 def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None, pool_size: int,
-             stats: DealerStats, pool_keys: list[int], crypten: CryptenRunner | None = None) -> dict[str, Any]:
+             stats: DealerStats, pool_keys: list[int], crypten: CryptenRunner | None = None,
+             calibrate: bool = True) -> dict[str, Any]:
     model, inputs = case.build(case.batch)
     n = repeat or case.measured
     log(f"{name}: {case.description}; deploying")
     # batch 1 is pooled from deploy time on; pool.batches pre-warms the case's own size too
     params = {"pool.batches": str(case.batch)} if case.batch != 1 else None
-    deploy(model, inputs(0), name=name, config=cluster.config_path, parameters=params)
+    calibration = calibration_batch(inputs, case.batch).numpy() if calibrate else None
+    deploy(model, inputs(0), name=name, config=cluster.config_path, parameters=params, calibration=calibration)
     pool_keys[0] += 1 if case.batch == 1 else 2
     with Client(cluster.config_path) as client:
         log(f"{name}: {case.warmup} warm-up request(s)")
@@ -323,6 +340,7 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         "max_abs_error": float(np.abs(secure - plain).max()),
         "samples": int(secure.shape[0]),
         "plaintext_ms": round(plaintext_ms(model, inputs(0)), 4),
+        "relu_range": "calibrated" if calibrate else "default",
     }
     if crypten is not None:
         ref = crypten.run(name, case, model, [inputs(i) for i in range(n)])
@@ -472,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON lines to this file")
     ap.add_argument("--pool-size", type=int, default=4, help="dealer pool size (sets generated ahead)")
     ap.add_argument("--workdir", type=Path, default=None, help="cluster directory (default: a temp dir)")
+    ap.add_argument("--no-calibrate", action="store_true",
+                    help="deploy without calibration data: every ReLU compares on the default 2^15 range")
     ap.add_argument("--dealer-nice", type=int, default=0,
                     help="renice the dealer process (its pool refill then yields the shared cores to the parties)")
     ap.add_argument("--party-threads", type=int, default=None,
@@ -530,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
         pool_keys = [0]
         for name in names:
             res = run_case(name, CASES[name], cluster, repeat=args.repeat, pool_size=args.pool_size,
-                           stats=stats, pool_keys=pool_keys, crypten=crypten)
+                           stats=stats, pool_keys=pool_keys, crypten=crypten, calibrate=not args.no_calibrate)
             res["party_threads"] = args.party_threads
             res["dealer_nice"] = args.dealer_nice
             line = json.dumps(res)

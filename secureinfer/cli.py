@@ -54,8 +54,14 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
         if not sep:
             raise InvalidArgumentError(f"--param takes KEY=VALUE, got {item!r}")
         params[key] = value
+    calibration = None
+    if args.calibration:
+        import numpy as np
+
+        calibration = np.load(args.calibration, allow_pickle=False)
     resp = deploy_graph(graph, name=args.name, config=topo, version=args.version or "", replace=args.replace,
-                        identity=args.identity, parameters=params)
+                        identity=args.identity, parameters=params, calibration=calibration,
+                        range_margin_bits=args.range_margin_bits)
     print(json.dumps({"name": resp.name, "version": resp.version, "deployment_id": resp.deployment_id}))
     return 0
 
@@ -129,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--identity", default="owner")
     sp.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="deployment parameter, e.g. dp.epsilon=1 dp.clip=8 dp.budget_epsilon=20")
+    sp.add_argument("--calibration", default="", metavar="INPUTS.npy",
+                    help="representative inputs: size every ReLU's comparison range from them (fewer DCF bits)")
+    sp.add_argument("--range-margin-bits", type=int, default=3,
+                    help="with --calibration: admit inputs up to 2^N times the calibration maximum")
     _config_arg(sp)
     sp.set_defaults(func=_cmd_deploy)
 

@@ -29,6 +29,7 @@ from secureinfer.config import Topology, load_topology
 from secureinfer.engine.runner import encode_params
 from secureinfer.errors import SecureInferError, ShapeError
 from secureinfer.graph.ir import Graph
+from secureinfer.graph.ranges import DEFAULT_MARGIN_BITS, calibrate_ranges
 from secureinfer.prg import Prg
 from secureinfer.sharing import reconstruct, share
 from secureinfer.transport import tls
@@ -220,13 +221,20 @@ class Client:
 def deploy_graph(
     graph: Graph, *, name: str, config: str | Path | Topology, version: str = "", replace: bool = False,
     identity: str = "owner", parameters: dict[str, str] | None = None,
+    calibration: np.ndarray | torch.Tensor | None = None, range_margin_bits: int = DEFAULT_MARGIN_BITS,
 ) -> party_pb2.DeployResponse:
     """Encode, share and send a model graph with parameters to every party (role ``owner``).
 
     ``parameters`` are public deployment settings, e.g. a DP policy
     (``{"dp.epsilon": "1", "dp.clip": "8", "dp.budget_epsilon": "20"}``; see
-    :mod:`secureinfer.party.dp`).
+    :mod:`secureinfer.party.dp`). ``calibration``: representative inputs (a batch) from
+    which every ReLU's comparison range is set to ``2^range_margin_bits`` times the
+    largest value seen there (:func:`secureinfer.graph.ranges.calibrate_ranges`: fewer
+    DCF levels and key bytes; inputs beyond that range break that ReLU, see its failure
+    bound). Without it every ReLU admits real magnitudes below 2^15.
     """
+    if calibration is not None:
+        graph = calibrate_ranges(graph, np.asarray(calibration), margin_bits=range_margin_bits)
     c = _Cluster(config, identity)
     try:
         n = c.topology.n_parties
@@ -259,6 +267,7 @@ def deploy(
     module: torch.nn.Module, example_input: torch.Tensor | Sequence[int], *, name: str,
     config: str | Path | Topology, version: str = "", replace: bool = False, identity: str = "owner",
     frac_bits: int | None = None, parameters: dict[str, str] | None = None,
+    calibration: np.ndarray | torch.Tensor | None = None, range_margin_bits: int = DEFAULT_MARGIN_BITS,
 ) -> party_pb2.DeployResponse:
     """Import a PyTorch model and deploy it as secret shares (see :func:`deploy_graph`)."""
     from secureinfer.graph.torch_import import from_torch
@@ -266,4 +275,4 @@ def deploy(
     topo = _topology(config)
     graph = from_torch(module.eval(), example_input, frac_bits=frac_bits or topo.cluster.frac_bits)
     return deploy_graph(graph, name=name, config=topo, version=version, replace=replace, identity=identity,
-                        parameters=parameters)
+                        parameters=parameters, calibration=calibration, range_margin_bits=range_margin_bits)

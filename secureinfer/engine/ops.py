@@ -27,7 +27,7 @@ import torch
 
 from secureinfer import ring
 from secureinfer.dealer.material import BundleBuilder, PartyBundle, gate_material, linear_material, trunc_material
-from secureinfer.errors import ShapeError
+from secureinfer.errors import ShapeError, UnsupportedModelError
 from secureinfer.graph.ir import Node
 from secureinfer.protocols.arith import linear_fixed, linear_offline, truncate
 from secureinfer.protocols.compare import (
@@ -38,6 +38,7 @@ from secureinfer.protocols.compare import (
     clip,
     clip_material,
     clip_rounds,
+    full_range_int_bits,
     gate,
     gate_params,
     gate_rounds,
@@ -277,18 +278,28 @@ class Relu(SecureOp):
         s = ins[0].scale
         return ("relu_trunc", s - ctx.f) if s > ctx.f else ("relu", 0)
 
+    def _int_bits(self, node: Node, scale: int) -> int:
+        """The gate's integer bits: the node's calibrated ``int_bits`` (see
+        :mod:`secureinfer.graph.ranges`) or :data:`DEFAULT_INT_BITS`."""
+        bits = node.attrs.get("int_bits", DEFAULT_INT_BITS)
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= full_range_int_bits(scale):
+            raise UnsupportedModelError(
+                f"node {node.name!r}: relu int_bits {bits!r} outside 1..{full_range_int_bits(scale)} "
+                f"for an input with {scale} fractional bits")
+        return bits
+
     def material(self, b, name, node, ins, out, ctx, masks) -> None:
         payload, frac = self._payload(ins, ctx)
-        ell, cut = gate_params(ins[0].scale)
+        ell, cut = gate_params(ins[0].scale, int_bits=self._int_bits(node, ins[0].scale))
         gate_material(b, name, shape=ins[0].shape, ell=ell, cut=cut, payload=payload, frac=frac, method=ctx.method)
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
         payload, frac = self._payload(ins, ctx)
         return gate(s, xs[0], bundle=bundle, name=name, payload=payload, scale=ins[0].scale, frac=frac,
-                    method=ctx.method)
+                    method=ctx.method, int_bits=self._int_bits(node, ins[0].scale))
 
     def rounds(self, node, ins, ctx) -> int:
-        return gate_rounds(ctx.method, ins[0].scale)
+        return gate_rounds(ctx.method, ins[0].scale, int_bits=self._int_bits(node, ins[0].scale))
 
 
 @register

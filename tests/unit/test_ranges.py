@@ -1,0 +1,92 @@
+"""Calibrated ReLU comparison ranges (graph.ranges): fewer DCF bits, same outputs, and the
+stated failure outside the range."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from secureinfer.dealer.material import BundleBuilder
+from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
+from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
+from secureinfer.graph.ir import Graph
+from secureinfer.graph.passes import evaluate
+from secureinfer.graph.ranges import calibrate_ranges, relu_ranges
+from secureinfer.graph.torch_import import from_torch
+
+from .test_ops_cnn import run_secure
+
+
+def _mlp(scale: float = 1.0) -> Graph:
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                            torch.nn.Linear(8, 4))
+    with torch.no_grad():
+        m[0].weight.mul_(scale)
+    return from_torch(m.eval(), torch.zeros(1, 20), frac_bits=16)
+
+
+def _relu_bits(g: Graph) -> list[int | None]:
+    return [n.attrs.get("int_bits") for n in g.nodes if n.op == "relu"]
+
+
+def test_calibration_sets_bits_from_the_largest_value_plus_margin() -> None:
+    g = _mlp()
+    x = np.random.default_rng(0).normal(size=(64, 20))
+    ranges = relu_ranges(g, x)
+    cal = calibrate_ranges(g, x, margin_bits=3)
+    expect = [max(1, int(np.ceil(np.log2(m)))) + 3 for m in ranges.values()]
+    assert _relu_bits(cal) == expect
+    assert _relu_bits(g) == [None, None]  # the input graph is not changed
+    assert all(b < 15 for b in expect)
+    # a layer with values above the default range gets more bits, not fewer
+    big = calibrate_ranges(_mlp(scale=3000.0), x * 30, margin_bits=2)
+    assert _relu_bits(big)[0] > 15
+    Graph.from_public_json(cal.public_json()).validate()  # the attribute survives the wire
+
+
+def test_calibrated_relus_are_cheaper_and_agree_with_plaintext() -> None:
+    g = _mlp()
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(32, 20))
+    cal = calibrate_ranges(g, x)
+    sizes = []
+    for graph in (g, cal):
+        plan = compile_plan(graph, batch=8, n_parties=2)
+        mb, rb = BundleBuilder(2), BundleBuilder(2)
+        generate_request_material(plan, rb, {k: mb.random(f"{k}/B", s) for k, s in fixed_operand_shapes(graph).items()})
+        sizes.append(sum(len(v) for v in rb.party_bundle(0).blobs.values()))
+    assert sizes[1] < 0.75 * sizes[0]  # 27 -> at most 20 comparison bits per ReLU
+    xt = torch.as_tensor(rng.normal(size=(8, 20)))
+    out, _ = run_secure(cal, xt, 2)
+    ref = evaluate(g, xt.numpy())
+    assert np.abs(out["logits"].numpy() - ref).max() < 1e-3
+
+
+def test_input_beyond_the_calibrated_range_breaks_the_relu_as_documented() -> None:
+    g = _mlp()
+    x = np.random.default_rng(2).normal(size=(32, 20))
+    cal = calibrate_ranges(g, x, margin_bits=0)
+    far = torch.as_tensor(x[:4] * 64)  # 64x the calibration inputs: beyond 2^int_bits
+    out, _ = run_secure(cal, far, 2)
+    assert np.abs(out["logits"].numpy() - evaluate(g, far.numpy())).max() > 1e-2
+    wide, _ = run_secure(g, far, 2)  # the default range still holds it
+    assert np.abs(wide["logits"].numpy() - evaluate(g, far.numpy())).max() < 1e-2
+
+
+def test_bad_calibration_and_bad_int_bits_get_clear_errors() -> None:
+    g = _mlp()
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        calibrate_ranges(g, np.zeros((0, 20)))
+    with pytest.raises(InvalidArgumentError, match="NaN"):
+        calibrate_ranges(g, np.full((2, 20), np.nan))
+    with pytest.raises(InvalidArgumentError, match="margin_bits"):
+        calibrate_ranges(g, np.zeros((2, 20)), margin_bits=-1)
+    bad = Graph.from_public_json(g.public_json())
+    bad.nodes[1].attrs["int_bits"] = 0
+    with pytest.raises(UnsupportedModelError, match="int_bits"):
+        bad.validate()
+    bad.nodes[1].attrs["int_bits"] = 40  # valid in the graph, too wide for a scale-32 input
+    with pytest.raises(UnsupportedModelError, match="int_bits 40"):
+        compile_plan(bad, batch=1, n_parties=2).rounds()
