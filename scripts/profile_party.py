@@ -41,11 +41,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import CASES  # noqa: E402
+from bench import CASES, calibration_batch  # noqa: E402
 
 from secureinfer import fss, prg, ring  # noqa: E402
 from secureinfer.dealer import material, wire  # noqa: E402
 from secureinfer.dealer.material import BundleBuilder  # noqa: E402
+from secureinfer.graph.ranges import calibrate_ranges  # noqa: E402
 from secureinfer.engine import plan as plan_mod  # noqa: E402
 from secureinfer.engine import runner  # noqa: E402
 from secureinfer.graph.torch_import import from_torch  # noqa: E402
@@ -220,6 +221,9 @@ def install_process_timers(outdir: str) -> None:
     atexit.register(dump)
 
 
+#: deploy with calibrated ReLU ranges, as bench.py does (``--no-calibrate`` turns it off)
+CALIBRATE = True
+
 _SITECUSTOMIZE = """
 import os, sys
 sys.path.insert(0, {scripts!r})
@@ -233,6 +237,8 @@ def _setup(case_name: str) -> tuple[Any, Any, Any, list[Any], int]:
     case = CASES[case_name]
     model, inputs = case.build(case.batch)
     graph = from_torch(model.eval(), inputs(0), frac_bits=16)
+    if CALIBRATE:  # as bench.py deploys: calibrated ReLU ranges (graph.ranges)
+        graph = calibrate_ranges(graph, calibration_batch(inputs, case.batch).numpy())
     n = 2
     enc = runner.encode_params(graph)
     p = prg.Prg.from_os()
@@ -444,7 +450,8 @@ def profile_cluster(
             if dealer_nice:
                 renice_process(cluster.procs["dealer"].pid, dealer_nice)
             stats = DealerStats(cluster)
-            deploy(model, inputs(0), name="m", config=cluster.config_path)
+            deploy(model, inputs(0), name="m", config=cluster.config_path,
+                   calibration=calibration_batch(inputs, case.batch).numpy() if CALIBRATE else None)
             keys = 1 if case.batch == 1 else 2
             with Client(cluster.config_path) as client:
                 orig = client._c.call_all
@@ -504,7 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-cluster", action="store_true")
     ap.add_argument("--dealer-nice", type=int, default=0, help="renice the dealer process")
     ap.add_argument("--cluster-env", action="append", default=[], help="KEY=VALUE for the party processes")
+    ap.add_argument("--no-calibrate", action="store_true", help="default ReLU ranges (bench.py --no-calibrate)")
     args = ap.parse_args(argv)
+    global CALIBRATE
+    CALIBRATE = not args.no_calibrate
     if args.threads:
         torch.set_num_threads(args.threads)
     batch = CASES[args.case].batch

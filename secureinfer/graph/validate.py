@@ -181,14 +181,17 @@ class StepCost:
     bytes_per_peer: int | None  # estimate; None when the op's traffic is unknown here
 
 
-def _gate_elements(method: str, scale: int, k: int, *, diff: bool = False) -> int:
+def _gate_elements(method: str, scale: int, k: int, *, diff: bool = False, int_bits: int | None = None) -> int:
     """Elements one comparison gate opens per input element (see protocols.compare);
-    ``diff``: the gate compares a difference (max, argmax), one integer bit wider."""
+    ``diff``: the gate compares a difference (max, argmax), one integer bit wider;
+    ``int_bits``: a calibrated range (graph.ranges) instead of the default."""
     if method == "fss":
         return 1
     from secureinfer.protocols.compare import DEFAULT_INT_BITS, DIFF_INT_BITS, gate_params
 
-    ell, cut = gate_params(scale, int_bits=DIFF_INT_BITS if diff else DEFAULT_INT_BITS)
+    if int_bits is None:
+        int_bits = DIFF_INT_BITS if diff else DEFAULT_INT_BITS
+    ell, cut = gate_params(scale, int_bits=int_bits)
     n = ell - cut
     opened, s = 1, 1
     while s < n:  # Hillis-Steele prefix products: one Beaver product of n - s pairs
@@ -204,7 +207,8 @@ def opened_elements(op: str, ins: list[tuple[int, ...]], out: tuple[int, ...], s
     if op in ("linear", "conv2d", "channel_affine", "trunc"):
         return n_in  # fixed-weight masks: only the input mask x - A is opened per request
     if op == "relu":
-        return n_in * _gate_elements(method, scale_in, 3 if scale_in > f else 2)  # ReLU fused with truncation
+        return n_in * _gate_elements(method, scale_in, 3 if scale_in > f else 2,  # ReLU fused with truncation
+                                     int_bits=attrs.get("int_bits"))
     if op == "maxpool2d":
         k = attrs["kernel_size"][0] * attrs["kernel_size"][1]
         total, windows = 0, math.prod(out)

@@ -13,6 +13,13 @@ take that set from their cache (:meth:`MaterialCache.take`). Only when the binde
 no claimed set does it ask the dealer (``Bind``; then possibly ``Fetch``: transfer and
 parsing on the request path).
 
+Requests come first: while a request is in flight on this party (:meth:`serving`), the
+thread starts no prefetch for a kind that still holds a set — a replacement's transfer,
+TLS decryption, parsing and precomputation (tens of ms of CPU for an MLP batch of 100)
+would otherwise run beside the request that just took a set. A kind with no set left is
+prefetched at once, and no prefetch is deferred longer than ``max_defer_s`` (a steady
+stream of requests must not starve the cache).
+
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
 them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
 of request are prefetched (least recently used forgotten), and no prefetch starts while
@@ -24,7 +31,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,9 +79,12 @@ class MaterialCache:
         self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
         rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 90.0, idle_s: float = 600.0,
         prefetch_timeout_s: float = 120.0, max_cached_bytes: int = 2 << 30, max_keys: int = 16,
-        log: Logger | None = None, binder: bool = False,
+        log: Logger | None = None, binder: bool = False, max_defer_s: float = 1.0,
     ) -> None:
         self.party_id = party_id
+        self.max_defer_s = max_defer_s
+        self._serving = 0  # requests in flight (serving())
+        self._deferred_since: float | None = None  # when a non-urgent prefetch was first held back
         self.binder = binder
         self._claim_wait = _CLAIM_POLL_MIN_S  # binder: current back-off of Claim polling
         self._next_claim = 0.0
@@ -104,6 +115,20 @@ class MaterialCache:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=5)
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Mark a request in flight: non-urgent prefetches wait until it ends."""
+        with self._cond:
+            self._serving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._serving -= 1
+                if not self._serving:
+                    self._deferred_since = None
+                self._cond.notify_all()
 
     def want(self, key: Key) -> None:
         with self._cond:
@@ -196,8 +221,19 @@ class MaterialCache:
         for depth in range(1, self.depth + 1):  # one set for every kind before a second for any
             for key, e in recent:
                 if now - e.last_used < self.idle_s and len(e.sets) < depth:
+                    if depth > 1 and self._defer(now):
+                        return None
+                    self._deferred_since = None
                     return key
         return None
+
+    def _defer(self, now: float) -> bool:
+        """Whether to hold back a non-urgent prefetch for a request in flight (lock held)."""
+        if not self._serving:
+            return False
+        if self._deferred_since is None:
+            self._deferred_since = now
+        return now - self._deferred_since < self.max_defer_s
 
     def _unclaimed(self) -> list[Key]:
         """Binder: kinds with held sets it has not claimed yet (lock held)."""
@@ -241,6 +277,9 @@ class MaterialCache:
             with self._cond:
                 key = self._next()
                 pending = self._unclaimed() if self.binder else []
+                if key is None and self._deferred_since is not None:  # a request is in flight
+                    self._cond.wait(timeout=max(0.01, self._deferred_since + self.max_defer_s - time.monotonic()))
+                    continue
                 if key is None and not pending:
                     self._claim_wait, self._next_claim = _CLAIM_POLL_MIN_S, 0.0
                     claimed = [k for k, e in self._entries.items() if e.claimed] if self.binder else []

@@ -406,7 +406,7 @@ class PartyServer:
         at the peers, which then fail it at once instead of waiting for its messages.
         """
         try:
-            with self._client_slots.hold(client, who=f"party {self.party_id}: client {client!r}"):
+            with self._client_slots.hold(client, who=f"party {self.party_id}: client {client!r}"), self.cache.serving():
                 return self._infer(req, deadline, client=client)
         except SecureInferError as exc:
             try:

@@ -90,3 +90,19 @@ def test_bad_calibration_and_bad_int_bits_get_clear_errors() -> None:
     bad.nodes[1].attrs["int_bits"] = 40  # valid in the graph, too wide for a scale-32 input
     with pytest.raises(UnsupportedModelError, match="int_bits 40"):
         compile_plan(bad, batch=1, n_parties=2).rounds()
+
+
+def test_three_parties_calibrated_bitwise_gate_has_fewer_rounds_and_bytes() -> None:
+    from secureinfer.graph.validate import estimate_cost
+
+    g = _mlp()
+    rng = np.random.default_rng(4)
+    cal = calibrate_ranges(g, rng.normal(size=(32, 20)))
+    xt = torch.as_tensor(rng.normal(size=(4, 20)))
+    out, rounds = run_secure(cal, xt, 3)  # asserts the measured rounds equal the plan's
+    assert np.abs(out["logits"].numpy() - evaluate(g, xt.numpy())).max() < 1e-3
+    assert rounds < compile_plan(g, batch=4, n_parties=3).rounds()
+    est = {s.step: s.bytes_per_peer for s in estimate_cost(cal, batch=4, n_parties=3)}
+    base = {s.step: s.bytes_per_peer for s in estimate_cost(g, batch=4, n_parties=3)}
+    relus = [n.name for n in g.nodes if n.op == "relu"]
+    assert all(est[r] < base[r] for r in relus)

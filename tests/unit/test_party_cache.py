@@ -1,0 +1,40 @@
+"""The party's material cache yields to requests: no refill beside a request in flight
+unless a kind ran dry, and never deferred past ``max_defer_s``."""
+
+from __future__ import annotations
+
+import time
+
+from secureinfer.dealer.material import BundleBuilder
+from secureinfer.party.material import MaterialCache
+
+
+def _cache(**kw) -> MaterialCache:
+    return MaterialCache(party_id=1, dealer=None, prepare=lambda k, b: None, rpc_timeout_s=1.0,  # type: ignore[arg-type]
+                         max_bytes=1 << 20, depth=2, **kw)
+
+
+def test_refill_waits_for_the_request_in_flight_but_an_empty_kind_does_not() -> None:
+    cache = _cache(max_defer_s=30.0)
+    full, dry = ("d", 1, "logits"), ("d", 32, "logits")
+    cache.want(full)
+    cache._entries[full].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    assert cache._next() == full  # idle: top the kind up to depth 2
+    with cache.serving():
+        assert cache._next() is None  # a request is running: the second set can wait
+        cache.want(dry)
+        assert cache._next() == dry  # no set at all for this kind: fetch at once
+        cache._entries[dry].sets["s2"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+        assert cache._next() is None
+    assert cache._next() in (full, dry)  # the request ended
+
+
+def test_refill_is_deferred_at_most_max_defer_s() -> None:
+    cache = _cache(max_defer_s=0.05)
+    key = ("d", 1, "logits")
+    cache.want(key)
+    cache._entries[key].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    with cache.serving():
+        assert cache._next() is None
+        time.sleep(0.06)
+        assert cache._next() == key  # a steady stream of requests does not starve the cache
