@@ -30,6 +30,8 @@ Schema (``parties/README.md`` has the same with examples)::
     pool_size = 4                   # correlated-randomness bundles generated ahead, >= 0
     max_pool_bytes = 2147483648     # all pooled material together, >= 1 MiB
     max_set_bytes = 1073741824      # the material of one request (bigger batches refused), >= 1 MiB
+    pool_nice = 10                  # added to the pool-refill thread's nice value (Linux), 0..19:
+                                    # generation ahead of requests yields the CPU to requests
 
     [[party]]                       # at least 2; ids exactly 0..n-1
     id = 0
@@ -180,6 +182,7 @@ class DealerEntry:
     pool_size: int
     max_pool_bytes: int = 2 << 30
     max_set_bytes: int = 1 << 30
+    pool_nice: int = 10
     name: str = "dealer"
     role: str = ROLE_DEALER
 
@@ -346,6 +349,7 @@ _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "pool_size": ("int", 4),
     "max_pool_bytes": ("int", 2 << 30),
     "max_set_bytes": ("int", 1 << 30),
+    "pool_nice": ("int", 10),
 }
 _PARTY_SPEC: dict[str, tuple[str, object]] = {
     "id": ("int", _REQ),
@@ -581,6 +585,8 @@ def _validate(
         need_cert(doc["dealer"], "dealer")
         if d["pool_size"] is not None and d["pool_size"] < 0:
             problems.append(f"dealer.pool_size must be >= 0, got {d['pool_size']}")
+        if d["pool_nice"] is not None and not 0 <= d["pool_nice"] <= 19:
+            problems.append(f"dealer.pool_nice must be in 0..19, got {d['pool_nice']}")
         for key in ("max_pool_bytes", "max_set_bytes"):
             if d[key] is not None and d[key] < 1 << 20:
                 problems.append(f"dealer.{key} must be at least 1 MiB (1048576), got {d[key]}")

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 from secureinfer.config import MAX_BATCH
 from secureinfer.dealer.material import BundleBuilder
 from secureinfer.dealer.wire import bundle_to_bytes
+from secureinfer.sched import lower_thread_priority
 from secureinfer.engine.ops import OPS
 from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.errors import (
@@ -131,6 +132,7 @@ class DealerCore:
         self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 60.0,
         wanted_ttl_s: float = 600.0, max_pool_bytes: int = 2 << 30, max_set_bytes: int = 1 << 30,
         max_wanted_per_model: int = 8, max_generating: int = 2, generate_wait_s: float = 30.0,
+        pool_nice: int = 0,
     ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
@@ -143,6 +145,7 @@ class DealerCore:
         self.max_set_bytes = max_set_bytes
         self.max_wanted_per_model = max_wanted_per_model
         self.generate_wait_s = generate_wait_s
+        self.pool_nice = pool_nice  # added to the refill thread's nice value (sched.lower_thread_priority)
         self._generating = threading.BoundedSemaphore(max_generating)
         self._lock = threading.Condition()
         self._models: dict[str, _Model] = {}
@@ -606,6 +609,7 @@ class DealerCore:
         self._lock.notify_all()
 
     def _refill_loop(self) -> None:
+        lower_thread_priority(self.pool_nice)  # generation ahead of requests yields to request paths
         while not self._stop.is_set():
             with self._lock:
                 self._expire()

@@ -16,9 +16,10 @@ parsing on the request path).
 Requests come first: while a request is in flight on this party (:meth:`serving`), the
 thread starts no prefetch for a kind that still holds a set — a replacement's transfer,
 TLS decryption, parsing and precomputation (tens of ms of CPU for an MLP batch of 100)
-would otherwise run beside the request that just took a set. A kind with no set left is
-prefetched at once, and no prefetch is deferred longer than ``max_defer_s`` (a steady
-stream of requests must not starve the cache).
+would otherwise run beside the request that just took a set. The held-back prefetch
+starts when that request ends (even if the next one has begun: back-to-back requests must
+not postpone it until the kind runs dry), at once for a kind with no set left, and after
+``max_defer_s`` at the latest (concurrent clients that never leave the party idle).
 
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
 them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
@@ -85,6 +86,7 @@ class MaterialCache:
         self.max_defer_s = max_defer_s
         self._serving = 0  # requests in flight (serving())
         self._deferred_since: float | None = None  # when a non-urgent prefetch was first held back
+        self._released = False  # the request it waited for ended: start it even if another began
         self.binder = binder
         self._claim_wait = _CLAIM_POLL_MIN_S  # binder: current back-off of Claim polling
         self._next_claim = 0.0
@@ -126,8 +128,8 @@ class MaterialCache:
         finally:
             with self._cond:
                 self._serving -= 1
-                if not self._serving:
-                    self._deferred_since = None
+                if not self._serving and self._deferred_since is not None:
+                    self._released = True  # start the held-back prefetch now, even if a request follows at once
                 self._cond.notify_all()
 
     def want(self, key: Key) -> None:
@@ -223,13 +225,13 @@ class MaterialCache:
                 if now - e.last_used < self.idle_s and len(e.sets) < depth:
                     if depth > 1 and self._defer(now):
                         return None
-                    self._deferred_since = None
+                    self._deferred_since, self._released = None, False
                     return key
         return None
 
     def _defer(self, now: float) -> bool:
         """Whether to hold back a non-urgent prefetch for a request in flight (lock held)."""
-        if not self._serving:
+        if not self._serving or self._released:
             return False
         if self._deferred_since is None:
             self._deferred_since = now

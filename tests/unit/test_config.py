@@ -131,6 +131,7 @@ reqest_timeout_s = 3
 address = "127.0.0.1:7001"
 cert = "d.pem"
 key = "d.key"
+pool_nice = 25
 
 [[party]]
 id = 0
@@ -171,6 +172,7 @@ key = "x.key"
         "unknown role 'emperor'",
         "duplicate address '127.0.0.1:7001'",
         "SECUREINFER_MAX_MESSAGE_BYTES",
+        "dealer.pool_nice must be in 0..19, got 25",
     ]
     for fragment in expected:
         assert fragment in msg, fragment

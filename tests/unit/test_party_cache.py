@@ -38,3 +38,16 @@ def test_refill_is_deferred_at_most_max_defer_s() -> None:
         assert cache._next() is None
         time.sleep(0.06)
         assert cache._next() == key  # a steady stream of requests does not starve the cache
+
+
+def test_held_back_refill_starts_when_the_request_ends_even_if_another_begins() -> None:
+    cache = _cache(max_defer_s=30.0)
+    key = ("d", 1, "logits")
+    cache.want(key)
+    cache._entries[key].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    with cache.serving():
+        assert cache._next() is None
+    with cache.serving():  # back-to-back: the next request began before the thread woke
+        assert cache._next() == key  # released by the end of the request it waited for
+    with cache.serving():
+        assert cache._next() is None  # nothing was held back when the last request ended: held again
