@@ -234,3 +234,33 @@ def test_pool_batches_prewarms_a_batch_size_from_deploy_time(cluster: LocalClust
     after = _dealer_counters(cluster)
     assert after["binds_prefetched"] + after["binds_fallback"] == binds  # no dealer call on the request path
     assert (out.argmax(1) == plain[:6].argmax(1)).all()
+
+
+def test_client_connect_reaches_every_party_or_names_the_missing_one(cluster: LocalCluster, digits) -> None:
+    with Client(cluster.config_path) as c:
+        assert c.connect(timeout=10) is c
+    cluster.kill("party1")
+    try:
+        with Client(cluster.config_path) as c:
+            t = time.monotonic()
+            with pytest.raises(PeerUnavailableError, match="party 1 at") as info:
+                c.connect(timeout=1.0)
+            assert time.monotonic() - t < 5 and "party 0" not in str(info.value)
+    finally:
+        cluster.start_party(1)
+    with Client(cluster.config_path) as c:
+        c.connect(timeout=10)
+
+
+def test_calibrated_deploy_through_real_parties(cluster: LocalCluster, digits) -> None:
+    model, x_te, plain = digits
+    deploy(model, torch.from_numpy(x_te[:1]), name="digits-cal", config=cluster.config_path,
+           calibration=x_te[:200])
+    with Client(cluster.config_path) as c:
+        y = c.infer("digits-cal", x_te[200:300])
+        cost = c.last_cost
+        c.infer("digits", x_te[200:300])
+        base = c.last_cost
+    assert (y.argmax(1) == plain[200:300].argmax(1)).all()
+    assert np.abs(y - plain[200:300]).max() <= 1e-2
+    assert cost.bytes_offline < 0.8 * base.bytes_offline  # fewer DCF bits per ReLU
