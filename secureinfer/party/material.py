@@ -190,13 +190,16 @@ class MaterialCache:
                 e.claimed.clear()
             return n
 
-    def wait_ready(self, keys: list[Key], *, timeout: float) -> bool:
-        """Wait until this party can serve a request of every kind in ``keys`` without a
-        dealer call: it holds a part (the binder: a claimed set) of each. False on timeout."""
+    def wait_ready(self, keys: list[Key], *, timeout: float, depth: int = 1) -> bool:
+        """Wait until this party can serve ``depth`` requests of every kind in ``keys``
+        without a dealer call: it holds that many parts (the binder: claimed sets) of each,
+        and (``depth`` > 1) no prefetch for them is in flight. False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                ready = all((e := self._entries.get(k)) is not None and (e.claimed if self.binder else e.sets)
+                ready = all((e := self._entries.get(k)) is not None
+                            and len(e.claimed if self.binder else e.sets) >= depth
+                            and (depth == 1 or not e.inflight)
                             for k in keys)
                 left = deadline - time.monotonic()
                 if ready or left <= 0:

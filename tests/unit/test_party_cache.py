@@ -51,3 +51,18 @@ def test_held_back_refill_starts_when_the_request_ends_even_if_another_begins() 
         assert cache._next() == key  # released by the end of the request it waited for
     with cache.serving():
         assert cache._next() is None  # nothing was held back when the last request ended: held again
+
+
+def test_wait_ready_with_depth_waits_for_a_settled_cache() -> None:
+    cache = _cache()
+    key = ("d", 1, "logits")
+    cache.want(key)
+    e = cache._entries[key]
+    e.sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    assert cache.wait_ready([key], timeout=0.01)
+    assert not cache.wait_ready([key], timeout=0.01, depth=2)
+    e.sets["s2"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    e.inflight = True  # a third part is still arriving: not settled
+    assert not cache.wait_ready([key], timeout=0.01, depth=2)
+    e.inflight = False
+    assert cache.wait_ready([key], timeout=0.01, depth=2)
