@@ -58,10 +58,17 @@ def _cmd_deploy(args: argparse.Namespace) -> int:
     if args.calibration:
         import numpy as np
 
-        calibration = np.load(args.calibration, allow_pickle=False)
+        try:
+            calibration = np.load(args.calibration, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise InvalidArgumentError(f"--calibration {args.calibration}: not a readable .npy array ({e})") from None
+        if not isinstance(calibration, np.ndarray):  # an .npz archive
+            raise InvalidArgumentError(f"--calibration {args.calibration}: expected one .npy array, not an archive")
+    elif args.range_margin_bits is not None:
+        raise InvalidArgumentError("--range-margin-bits needs --calibration")
     resp = deploy_graph(graph, name=args.name, config=topo, version=args.version or "", replace=args.replace,
                         identity=args.identity, parameters=params, calibration=calibration,
-                        range_margin_bits=args.range_margin_bits)
+                        range_margin_bits=3 if args.range_margin_bits is None else args.range_margin_bits)
     print(json.dumps({"name": resp.name, "version": resp.version, "deployment_id": resp.deployment_id}))
     return 0
 
@@ -137,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="deployment parameter, e.g. dp.epsilon=1 dp.clip=8 dp.budget_epsilon=20")
     sp.add_argument("--calibration", default="", metavar="INPUTS.npy",
                     help="representative inputs: size every ReLU's comparison range from them (fewer DCF bits)")
-    sp.add_argument("--range-margin-bits", type=int, default=3,
-                    help="with --calibration: admit inputs up to 2^N times the calibration maximum")
+    sp.add_argument("--range-margin-bits", type=int, default=None,
+                    help="with --calibration: admit inputs up to 2^N times the calibration maximum (default 3)")
     _config_arg(sp)
     sp.set_defaults(func=_cmd_deploy)
 

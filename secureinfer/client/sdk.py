@@ -257,7 +257,9 @@ def deploy_graph(
     bound). Without it every ReLU admits real magnitudes below 2^15.
     """
     if calibration is not None:
-        graph = calibrate_ranges(graph, np.asarray(calibration), margin_bits=range_margin_bits)
+        if isinstance(calibration, torch.Tensor):
+            calibration = calibration.detach().cpu().numpy()
+        graph = calibrate_ranges(graph, calibration, margin_bits=range_margin_bits)
     c = _Cluster(config, identity)
     try:
         n = c.topology.n_parties

@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 from secureinfer.config import MAX_BATCH
 from secureinfer.dealer.material import BundleBuilder
 from secureinfer.dealer.wire import bundle_to_bytes
-from secureinfer.sched import lower_thread_priority
+from secureinfer.sched import MAX_NICE, lower_thread_priority
 from secureinfer.engine.ops import OPS
 from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.errors import (
@@ -145,7 +145,9 @@ class DealerCore:
         self.max_set_bytes = max_set_bytes
         self.max_wanted_per_model = max_wanted_per_model
         self.generate_wait_s = generate_wait_s
-        self.pool_nice = pool_nice  # added to the refill thread's nice value (sched.lower_thread_priority)
+        if not isinstance(pool_nice, int) or not 0 <= pool_nice <= MAX_NICE:
+            raise ValueError(f"pool_nice must be an int in 0..{MAX_NICE}, got {pool_nice!r}")
+        self.pool_nice = pool_nice  # added to the deep filler's nice value (sched.lower_thread_priority)
         self._generating = threading.BoundedSemaphore(max_generating)
         self._lock = threading.Condition()
         self._models: dict[str, _Model] = {}
@@ -156,12 +158,14 @@ class DealerCore:
         self.counters: dict[str, int] = {
             "sets_generated": 0, "parts_prefetched": 0, "parts_fetched": 0, "binds_prefetched": 0,
             "binds_fallback": 0, "sets_expired": 0, "refused_too_large": 0, "refused_busy": 0,
-            "sets_claimed": 0, "claimed_void": 0,
+            "sets_claimed": 0, "claimed_void": 0, "refill_failed": 0,
         }
         self._in_generation = 0  # sets being generated now (pool filler and request path)
-        self._filling: dict[_Key, int] = {}  # kinds the pool filler is generating now
+        self._filling: dict[_Key, int] = {}  # kinds the pool fillers are generating now
+        self._filling_first: set[_Key] = set()  # ... of those, by the first-set filler (a Bind waits for it)
+        self._filling_bytes = 0  # estimated size of the sets the fillers are generating
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ models
     def register(
@@ -493,14 +497,14 @@ class DealerCore:
             b = self._sessions.get(session_id)
             if b is not None:
                 return b
-            # A set of this kind the pool filler is generating now arrives sooner than a
-            # second one started beside it (both would share the same cores): wait for it.
+            # A set of this kind the first-set filler (normal priority) is generating now arrives
+            # sooner than a second one started beside it (both would share the same cores): wait.
             until = time.monotonic() + self.generate_wait_s
             while True:
                 pool = self._pools.get(key, OrderedDict())
                 fresh = next((s for s in pool.values() if not s.delivered), None)
                 left = until - time.monotonic()
-                if fresh is not None or not self._filling.get(key) or left <= 0:
+                if fresh is not None or key not in self._filling_first or left <= 0:
                     break
                 self._lock.wait(left)
             if fresh is not None:
@@ -570,65 +574,91 @@ class DealerCore:
 
     # ------------------------------------------------------------------ pool thread
     def start(self) -> None:
-        if self._thread is None and self.pool_size > 0:
-            self._thread = threading.Thread(target=self._refill_loop, name="dealer-pool", daemon=True)
-            self._thread.start()
+        """Start the pool fillers: ``dealer-pool`` generates the first set of every empty
+        pool (a Bind may be waiting for it) at the RPC threads' priority; ``dealer-pool-deep``
+        tops pools up to ``pool_size`` at ``pool_nice`` (work ahead of demand yields the CPU;
+        a Bind never waits on it, so the lowered priority cannot stall a request)."""
+        if self._threads or self.pool_size <= 0:
+            return
+        for name, deep in (("dealer-pool", False), ("dealer-pool-deep", True)):
+            if deep and self.pool_size < 2:
+                continue
+            t = threading.Thread(target=self._refill_loop, kwargs={"deep": deep}, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        for t in self._threads:
+            t.join(timeout=10)
 
-    def _next_job(self) -> tuple[_Model, str, int, str] | None:
+    def _next_job(self, *, deep: bool = False) -> tuple[_Model, str, int, str, int] | None:
         """The next pool to top up, most recently wanted first, within the global byte budget.
 
-        Every pool gets at least one set before any gets a second (depth rounds), and no
-        set is generated that would take the pooled bytes over ``max_pool_bytes``.
+        A pool's level counts its sets and those being generated for it. Every pool gets
+        a first set (``deep`` False) before any gets a second (``deep``: levels 1 up to
+        ``pool_size - 1``, in depth rounds), and no set is generated that would take the
+        pooled bytes (counting the sets being generated) over ``max_pool_bytes``.
+        Returns the kind and its estimated set size.
         """
         now = time.monotonic()
-        free = self.max_pool_bytes - self._pooled_bytes()
+        free = self.max_pool_bytes - self._pooled_bytes() - self._filling_bytes
         kinds = sorted(((last, dep, m, batch, purpose) for dep, m in self._models.items()
                         for (batch, purpose), last in m.wanted.items() if now - last <= self.wanted_ttl_s),
                        key=lambda t: -t[0])
-        for depth in range(1, self.pool_size + 1):
+        for depth in range(2, self.pool_size + 1) if deep else (1,):
             for _, dep, m, batch, purpose in kinds:
                 size = self._estimate(m, batch, purpose) or 0
                 if size > free or size > self.max_set_bytes:
                     continue
-                if len(self._pools.get((dep, batch, purpose), {})) < depth:
-                    return m, dep, batch, purpose
+                key = (dep, batch, purpose)
+                level = len(self._pools.get(key, {})) + self._filling.get(key, 0)
+                if level < depth and (not deep or level >= 1):
+                    return m, dep, batch, purpose, size
         return None
 
-    def _done_filling(self, key: _Key) -> None:
-        """The filler finished (or failed) a set of ``key`` (lock held); wake waiting Binds."""
+    def _done_filling(self, key: _Key, *, deep: bool, size: int) -> None:
+        """A filler finished (or failed) a set of ``key`` (lock held); wake waiting Binds."""
+        self._filling_bytes -= size
+        if not deep:
+            self._filling_first.discard(key)
         self._filling[key] -= 1
         if not self._filling[key]:
             del self._filling[key]
         self._lock.notify_all()
 
-    def _refill_loop(self) -> None:
-        lower_thread_priority(self.pool_nice)  # generation ahead of requests yields to request paths
+    def _refill_loop(self, *, deep: bool = False) -> None:
+        if deep:
+            lower_thread_priority(self.pool_nice)  # generation ahead of demand yields to request paths
         while not self._stop.is_set():
             with self._lock:
                 self._expire()
-                job = self._next_job()
+                job = self._next_job(deep=deep)
                 if job is None:
                     self._lock.wait(timeout=1.0)
                     continue
-            m, dep, batch, purpose = job
-            key = (dep, batch, purpose)
-            with self._lock:
+                m, dep, batch, purpose, size = job
+                key = (dep, batch, purpose)
                 self._filling[key] = self._filling.get(key, 0) + 1
+                self._filling_bytes += size
+                if not deep:
+                    self._filling_first.add(key)
             try:
                 s = self._generate(m, batch, purpose)
+            except Exception:  # a kind that cannot be generated must not stop the pool for all
+                with self._lock:
+                    self._done_filling(key, deep=deep, size=size)
+                    self.counters["refill_failed"] += 1
+                    m.wanted.pop((batch, purpose), None)  # retried once a request wants it again
+                continue
             except BaseException:
                 with self._lock:
-                    self._done_filling(key)
+                    self._done_filling(key, deep=deep, size=size)
                 raise
             with self._lock:  # pooled and no longer "filling" at once: a waiting Bind sees one or the other
-                self._done_filling(key)
+                self._done_filling(key, deep=deep, size=size)
                 if self._models.get(dep) is m:
                     self._pools.setdefault((dep, batch, purpose), OrderedDict())[s.set_id] = s
                     self._lock.notify_all()

@@ -272,6 +272,7 @@ class Relu(SecureOp):
     op = "relu"
 
     def infer(self, node, ins, ctx) -> ValueSpec:
+        self._int_bits(node, ins[0].scale)  # a bad calibrated range is refused at planning (deploy)
         return ValueSpec(ins[0].shape, min(ins[0].scale, ctx.f))
 
     def _payload(self, ins: Sequence[ValueSpec], ctx: Ctx) -> tuple[str, int]:
@@ -282,10 +283,10 @@ class Relu(SecureOp):
         """The gate's integer bits: the node's calibrated ``int_bits`` (see
         :mod:`secureinfer.graph.ranges`) or :data:`DEFAULT_INT_BITS`."""
         bits = node.attrs.get("int_bits", DEFAULT_INT_BITS)
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= full_range_int_bits(scale):
+        top = full_range_int_bits(scale) - 1  # relu_trunc's wrap bit needs ell <= 62
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= top:
             raise UnsupportedModelError(
-                f"node {node.name!r}: relu int_bits {bits!r} outside 1..{full_range_int_bits(scale)} "
-                f"for an input with {scale} fractional bits")
+                f"node {node.name!r}: relu int_bits {bits!r} outside 1..{top} for an input with {scale} fractional bits")
         return bits
 
     def material(self, b, name, node, ins, out, ctx, masks) -> None:

@@ -11,19 +11,22 @@ scale-32 input compares 16 bits instead of 27: 41% fewer levels, keys and AES ca
 Algorithm (:func:`calibrate_ranges`): run the plaintext float64 graph
 (:func:`secureinfer.graph.passes.evaluate`) on the owner's calibration inputs, take the
 largest magnitude ``M`` at each ReLU's input and set that node's ``int_bits`` to
-``max(1, ceil(log2 M)) + margin_bits``, clamped to ``[min_int_bits, max_int_bits]``.
+``max(1, floor(log2 M) + 1) + margin_bits`` (so ``2^int_bits > 2^margin_bits M``), at
+least ``min_int_bits``; more than ``max_int_bits`` (default ``62 - 2 f``, the widest gate
+at the scale a linear layer hands a ReLU) is refused with an error naming the node.
 Layers whose values exceed the default get *more* bits, so calibration also removes a
 silent failure of the default.
 
 Failure bound (stated, not probabilistic): the gate is exact for real inputs in
-``[-2^int_bits, 2^int_bits - 2^-12)``. An input outside that range — at least
-``2^margin_bits`` times the largest value seen in calibration — is compared on wrapped
-bits and that ReLU's output element may be any value. Choose ``margin_bits`` for the
+``[-2^int_bits, 2^int_bits - 2^-12)``, which holds every value up to ``2^margin_bits``
+times the largest seen in calibration. An input outside it is compared on wrapped bits:
+that ReLU output element is then 0 or the input itself, whichever the wrapped sign says. Choose ``margin_bits`` for the
 inputs the model will meet (3 bits: 8x the calibration maximum).
 
 Disclosure: ``int_bits`` is a public attribute of the graph (the dealer sizes the keys
-with it), so the parties and the dealer learn ``ceil(log2 M)`` of each ReLU input over
-the calibration set — a coarse magnitude, nothing about any client's input.
+with it), so the parties and the dealer learn ``floor(log2 M)`` of each ReLU input over
+the calibration set — a coarse magnitude, nothing about any client's input. Clients can
+infer the same from a request's costs (offline bytes, and rounds with the bitwise gate).
 """
 
 from __future__ import annotations
@@ -46,15 +49,29 @@ _MIN_INT_BITS = 1
 
 def relu_ranges(graph: Graph, calibration: np.ndarray) -> dict[str, float]:
     """Largest real magnitude at the input of every ReLU node over ``calibration``."""
-    x = np.asarray(calibration, dtype=np.float64)
+    try:
+        x = np.asarray(calibration, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"calibration data is not a numeric array: {e}") from None
     if x.size == 0:
         raise InvalidArgumentError("calibration data is empty")
     if not np.isfinite(x).all():
         raise InvalidArgumentError("calibration data contains NaN or infinity")
+    want = graph.input_spec().shape[1:]
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != tuple(want):
+        raise InvalidArgumentError(f"calibration data must have shape (N, {', '.join(map(str, want))}), "
+                                   f"got {x.shape}")
     values = evaluate(graph, x, all_values=True)
     if not isinstance(values, dict):  # evaluate(all_values=True) returns every value
         raise TypeError("graph.passes.evaluate did not return every value")
-    return {n.name: float(np.abs(values[n.inputs[0]]).max(initial=0.0)) for n in graph.nodes if n.op == "relu"}
+    out = {}
+    for n in graph.nodes:
+        if n.op == "relu":
+            v = values[n.inputs[0]]
+            if not np.isfinite(v).all():
+                raise InvalidArgumentError(f"node {n.name!r}: the model's values overflow on the calibration data")
+            out[n.name] = float(np.abs(v).max(initial=0.0))
+    return out
 
 
 def calibrate_ranges(
@@ -63,13 +80,12 @@ def calibrate_ranges(
 ) -> Graph:
     """A copy of ``graph`` with ``int_bits`` set on every ReLU from ``calibration``.
 
-    ``max_int_bits`` defaults to ``63 - 2 * graph.frac_bits`` (the widest gate at the
-    scale a linear layer hands a ReLU). Cost: one plaintext float64 pass over
-    ``calibration``.
+    ``max_int_bits`` defaults to ``62 - 2 * graph.frac_bits``. Cost: one plaintext
+    float64 pass over ``calibration`` (N, *input shape).
     """
-    if not isinstance(margin_bits, int) or not 0 <= margin_bits <= 16:
+    if not isinstance(margin_bits, int) or isinstance(margin_bits, bool) or not 0 <= margin_bits <= 16:
         raise InvalidArgumentError(f"margin_bits must be an int in 0..16, got {margin_bits!r}")
-    top = 63 - 2 * graph.frac_bits if max_int_bits is None else max_int_bits
+    top = 62 - 2 * graph.frac_bits if max_int_bits is None else max_int_bits
     if not 1 <= min_int_bits <= top:
         raise InvalidArgumentError(f"int_bits bounds {min_int_bits}..{top} are empty")
     ranges = relu_ranges(graph, calibration)
@@ -77,9 +93,13 @@ def calibrate_ranges(
     for node in graph.nodes:
         if node.name in ranges:
             m = ranges[node.name]
-            need = max(1, math.ceil(math.log2(m))) if m > 0 else 1
-            bits = int(min(top, max(min_int_bits, need + margin_bits)))
-            node = replace(node, attrs={**node.attrs, "int_bits": bits})
+            need = max(1, math.floor(math.log2(m)) + 1) if m > 0 else 1  # 2^need > m, strictly
+            bits = max(min_int_bits, need + margin_bits)
+            if bits > top:
+                raise InvalidArgumentError(
+                    f"node {node.name!r}: values up to {m:.3g} need {need} + {margin_bits} integer bits, "
+                    f"more than the {top} a ReLU gate has at {graph.frac_bits} fractional bits")
+            node = replace(node, attrs={**node.attrs, "int_bits": int(bits)})
         nodes.append(node)
     return Graph(inputs=list(graph.inputs), nodes=nodes, outputs=list(graph.outputs), frac_bits=graph.frac_bits,
                  params=dict(graph.params), param_shapes=dict(graph.param_shapes))

@@ -17,9 +17,10 @@ Requests come first: while a request is in flight on this party (:meth:`serving`
 thread starts no prefetch for a kind that still holds a set — a replacement's transfer,
 TLS decryption, parsing and precomputation (tens of ms of CPU for an MLP batch of 100)
 would otherwise run beside the request that just took a set. The held-back prefetch
-starts when that request ends (even if the next one has begun: back-to-back requests must
-not postpone it until the kind runs dry), at once for a kind with no set left, and after
-``max_defer_s`` at the latest (concurrent clients that never leave the party idle).
+starts as soon as no request is in flight (even if the next one begins before this thread
+wakes: back-to-back requests must not postpone it until the kind runs dry), at once for a
+kind with no set left, and ``max_defer_s`` after it was first held back at the latest
+(concurrent clients that never leave the party idle).
 
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
 them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
@@ -230,6 +231,7 @@ class MaterialCache:
                         return None
                     self._deferred_since, self._released = None, False
                     return key
+        self._deferred_since, self._released = None, False  # nothing left to hold back
         return None
 
     def _defer(self, now: float) -> bool:
@@ -282,7 +284,7 @@ class MaterialCache:
             with self._cond:
                 key = self._next()
                 pending = self._unclaimed() if self.binder else []
-                if key is None and self._deferred_since is not None:  # a request is in flight
+                if key is None and self._deferred_since is not None and not pending:  # a request is in flight
                     self._cond.wait(timeout=max(0.01, self._deferred_since + self.max_defer_s - time.monotonic()))
                     continue
                 if key is None and not pending:

@@ -288,3 +288,42 @@ def test_bind_waits_for_the_set_the_filler_is_generating(monkeypatch) -> None:
     finally:
         release.set()
         core.stop()
+
+
+def test_a_kind_that_fails_to_generate_does_not_stop_the_pool(monkeypatch) -> None:
+    import time
+
+    from secureinfer.dealer import core as core_mod
+
+    core = DealerCore(master_key=os.urandom(32), pool_size=3, pool_nice=5)
+    real = core_mod.generate_request_material
+
+    def flaky(plan, *args, **kwargs):
+        if plan.batch == 2:
+            raise RuntimeError("cannot generate this kind")
+        return real(plan, *args, **kwargs)
+
+    monkeypatch.setattr(core_mod, "generate_request_material", flaky)
+    g = _graph_json()
+    core.register("d", g, party_id=0, n_parties=2)
+    core.register("d", g, party_id=1, n_parties=2)
+    with core._lock:
+        core._models["d"].wanted[(2, "logits")] = time.monotonic()
+    core.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(core._pools.get(("d", 1, "logits"), {})) < 3:
+            time.sleep(0.05)
+        assert len(core._pools[("d", 1, "logits")]) == 3  # both fillers kept working
+        assert core.stats()["refill_failed"] >= 1
+        assert all(t.is_alive() for t in core._threads)
+        names = {t.name for t in core._threads}
+        assert names == {"dealer-pool", "dealer-pool-deep"}
+        if hasattr(os, "getpriority"):
+            deep = next(t for t in core._threads if t.name == "dealer-pool-deep")
+            first = next(t for t in core._threads if t.name == "dealer-pool")
+            assert os.getpriority(os.PRIO_PROCESS, deep.native_id) > os.getpriority(os.PRIO_PROCESS, first.native_id)
+    finally:
+        core.stop()
+    with pytest.raises(ValueError, match="pool_nice"):
+        DealerCore(master_key=os.urandom(32), pool_nice=20)

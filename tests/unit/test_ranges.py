@@ -36,14 +36,17 @@ def test_calibration_sets_bits_from_the_largest_value_plus_margin() -> None:
     x = np.random.default_rng(0).normal(size=(64, 20))
     ranges = relu_ranges(g, x)
     cal = calibrate_ranges(g, x, margin_bits=3)
-    expect = [max(1, int(np.ceil(np.log2(m)))) + 3 for m in ranges.values()]
+    expect = [max(1, int(np.floor(np.log2(m))) + 1) + 3 for m in ranges.values()]
     assert _relu_bits(cal) == expect
     assert _relu_bits(g) == [None, None]  # the input graph is not changed
     assert all(b < 15 for b in expect)
     # a layer with values above the default range gets more bits, not fewer
     big = calibrate_ranges(_mlp(scale=3000.0), x * 30, margin_bits=2)
     assert _relu_bits(big)[0] > 15
-    Graph.from_public_json(cal.public_json()).validate()  # the attribute survives the wire
+    assert _relu_bits(Graph.from_public_json(cal.public_json())) == expect  # the attribute survives the wire
+    # powers of two: 2^int_bits must exceed the largest value itself
+    tiny = calibrate_ranges(g, x, margin_bits=0)
+    assert all(2 ** b > m for b, m in zip(_relu_bits(tiny), ranges.values()))
 
 
 def test_calibrated_relus_are_cheaper_and_agree_with_plaintext() -> None:
@@ -87,9 +90,15 @@ def test_bad_calibration_and_bad_int_bits_get_clear_errors() -> None:
     bad.nodes[1].attrs["int_bits"] = 0
     with pytest.raises(UnsupportedModelError, match="int_bits"):
         bad.validate()
-    bad.nodes[1].attrs["int_bits"] = 40  # valid in the graph, too wide for a scale-32 input
-    with pytest.raises(UnsupportedModelError, match="int_bits 40"):
-        compile_plan(bad, batch=1, n_parties=2).rounds()
+    bad.nodes[1].attrs["int_bits"] = 31  # valid in the graph, too wide for a scale-32 input (ell 63)
+    with pytest.raises(UnsupportedModelError, match="int_bits 31"):
+        compile_plan(bad, batch=1, n_parties=2)  # refused at planning: deploy and the dealer's register
+    with pytest.raises(InvalidArgumentError, match="integer bits"):
+        calibrate_ranges(g, np.full((2, 20), 1e12))  # values beyond any ReLU gate at f = 16
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        calibrate_ranges(g, np.zeros((2, 21)))
+    with pytest.raises(InvalidArgumentError, match="margin_bits"):
+        calibrate_ranges(g, np.zeros((2, 20)), margin_bits=True)
 
 
 def test_three_parties_calibrated_bitwise_gate_has_fewer_rounds_and_bytes() -> None:
