@@ -110,6 +110,18 @@ class _Set:
     created: float
     delivered: set[int] = field(default_factory=set)  # parties that were handed their part (Prefetch)
     confirmed: set[int] = field(default_factory=set)  # parties that reported holding it
+    last_delivery: float = 0.0  # when the latest part was handed out
+    first_confirmed: float | None = None  # when the first party reported holding its part
+
+    def expired(self, now: float, ttl_s: float) -> bool:
+        """Whether an unbound, prefetched set is too old to bind: ``ttl_s`` after the first
+        party confirmed its part (parties drop cached parts later than that), or after the
+        last hand-out if none confirmed. Counting from creation instead expired sets still
+        crossing a slow link (a LeNet-32 part takes 23 s at 100 Mbit)."""
+        if not self.delivered:
+            return False
+        since = self.first_confirmed if self.first_confirmed is not None else self.last_delivery
+        return now - since > ttl_s
 
 
 @dataclass
@@ -412,12 +424,15 @@ class DealerCore:
                 s = pool.get(sid)
                 if s is not None and party_id in s.delivered:
                     s.confirmed.add(party_id)
+                    if s.first_confirmed is None:
+                        s.first_confirmed = time.monotonic()
             if confirm_only:
                 return None
             for s in pool.values():
                 part = s.parts[party_id]
                 if party_id not in s.delivered and part is not None:
                     s.delivered.add(party_id)
+                    s.last_delivery = time.monotonic()
                     s.parts[party_id] = None
                     self.counters["parts_prefetched"] += 1
                     return s.set_id, part
@@ -568,7 +583,7 @@ class DealerCore:
         for sid in [s for s, c in self._claimed.items() if now - c.created > self.session_ttl_s]:
             del self._claimed[sid]  # bookkeeping only: the parties dropped these parts long ago
         for pool in self._pools.values():
-            for sid in [k for k, s in pool.items() if s.delivered and now - s.created > self.set_ttl_s]:
+            for sid in [k for k, s in pool.items() if s.expired(now, self.set_ttl_s)]:
                 del pool[sid]  # parties drop unbound prefetched parts after a longer TTL
                 self.counters["sets_expired"] += 1
 

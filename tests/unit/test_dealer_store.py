@@ -327,3 +327,17 @@ def test_a_kind_that_fails_to_generate_does_not_stop_the_pool(monkeypatch) -> No
         core.stop()
     with pytest.raises(ValueError, match="pool_nice"):
         DealerCore(master_key=os.urandom(32), pool_nice=20)
+
+
+def test_prefetched_set_expiry_counts_from_confirmation_not_creation() -> None:
+    from secureinfer.dealer.core import _Set
+
+    s = _Set("s", [b"a", b"b"], created=0.0)
+    assert not s.expired(1000.0, 60.0)  # never handed out: pooled sets do not expire here
+    s.delivered.add(0)
+    s.last_delivery = 950.0  # party 0's part is still crossing a slow link
+    assert not s.expired(1000.0, 60.0)  # created 1000 s ago, but handed out 50 s ago
+    assert s.expired(1011.0, 60.0)  # nobody confirmed for 61 s: the party is gone
+    s.confirmed.add(0)
+    s.first_confirmed = 1005.0
+    assert not s.expired(1011.0, 60.0) and s.expired(1066.0, 60.0)  # parties drop parts 90 s after arrival
