@@ -14,11 +14,20 @@ def _cache(**kw) -> MaterialCache:
                          max_bytes=1 << 20, depth=2, **kw)
 
 
+KEY = ("d", 1, "logits")
+
+
+def _holding_one(**kw) -> MaterialCache:
+    """A cache of depth 2 that wants KEY and holds one set of it."""
+    cache = _cache(**kw)
+    cache.want(KEY)
+    cache._entries[KEY].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    return cache
+
+
 def test_refill_waits_for_the_request_in_flight_but_an_empty_kind_does_not() -> None:
-    cache = _cache(max_defer_s=30.0)
-    full, dry = ("d", 1, "logits"), ("d", 32, "logits")
-    cache.want(full)
-    cache._entries[full].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    cache = _holding_one(max_defer_s=30.0)
+    full, dry = KEY, ("d", 32, "logits")
     assert cache._next() == full  # idle: top the kind up to depth 2
     with cache.serving():
         assert cache._next() is None  # a request is running: the second set can wait
@@ -30,25 +39,19 @@ def test_refill_waits_for_the_request_in_flight_but_an_empty_kind_does_not() -> 
 
 
 def test_refill_is_deferred_at_most_max_defer_s() -> None:
-    cache = _cache(max_defer_s=0.05)
-    key = ("d", 1, "logits")
-    cache.want(key)
-    cache._entries[key].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    cache = _holding_one(max_defer_s=0.05)
     with cache.serving():
         assert cache._next() is None
         time.sleep(0.06)
-        assert cache._next() == key  # a steady stream of requests does not starve the cache
+        assert cache._next() == KEY  # a steady stream of requests does not starve the cache
 
 
 def test_held_back_refill_starts_when_the_request_ends_even_if_another_begins() -> None:
-    cache = _cache(max_defer_s=30.0)
-    key = ("d", 1, "logits")
-    cache.want(key)
-    cache._entries[key].sets["s1"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    cache = _holding_one(max_defer_s=30.0)
     with cache.serving():
         assert cache._next() is None
     with cache.serving():  # back-to-back: the next request began before the thread woke
-        assert cache._next() == key  # released by the end of the request it waited for
+        assert cache._next() == KEY  # released by the end of the request it waited for
     with cache.serving():
         assert cache._next() is None  # nothing was held back when the last request ended: held again
 
