@@ -79,7 +79,7 @@ class _Entry:
 class MaterialCache:
     def __init__(
         self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
-        rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 90.0, idle_s: float = 600.0,
+        rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 300.0, idle_s: float = 600.0,
         prefetch_timeout_s: float = 120.0, max_cached_bytes: int = 2 << 30, max_keys: int = 16,
         log: Logger | None = None, binder: bool = False, max_defer_s: float = 1.0,
     ) -> None:

@@ -340,4 +340,4 @@ def test_prefetched_set_expiry_counts_from_confirmation_not_creation() -> None:
     assert s.expired(1011.0, 60.0)  # nobody confirmed for 61 s: the party is gone
     s.confirmed.add(0)
     s.first_confirmed = 1005.0
-    assert not s.expired(1011.0, 60.0) and s.expired(1066.0, 60.0)  # parties drop parts 90 s after arrival
+    assert not s.expired(1011.0, 60.0) and s.expired(1066.0, 60.0)  # parties drop parts later than the dealer stops binding them
