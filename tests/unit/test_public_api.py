@@ -27,7 +27,8 @@ def test_module_all_lists_resolve() -> None:
     import importlib
 
     for mod in ("secureinfer.party.server", "secureinfer.party.services", "secureinfer.dealer.wire",
-                "secureinfer.party.limits"):
+                "secureinfer.party.limits", "secureinfer.config", "secureinfer.localtopology",
+                "secureinfer.graph.ranges", "secureinfer.sched"):
         m = importlib.import_module(mod)
         for name in m.__all__:
             assert hasattr(m, name), f"{mod}.{name}"
