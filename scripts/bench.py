@@ -287,22 +287,26 @@ def calibration_batch(inputs: InputFn, batch: int) -> torch.Tensor:
     return torch.cat([inputs(_CALIBRATION_INDEX + i) for i in range(k)])[:_CALIBRATION_SAMPLES]
 
 
+def deploy_options(case: Case, inputs: InputFn, *, calibrate: bool = True) -> dict[str, Any]:
+    """The keyword arguments every benchmark deploys a case with: its batch size pre-warmed
+    (batch 1 is pooled from deploy time on anyway) and calibrated ReLU ranges."""
+    return {"parameters": {"pool.batches": str(case.batch)} if case.batch != 1 else None,
+            "calibration": calibration_batch(inputs, case.batch).numpy() if calibrate else None}
+
+
 def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None, pool_size: int,
              stats: DealerStats, pool_keys: list[int], crypten: CryptenRunner | None = None,
              calibrate: bool = True) -> dict[str, Any]:
     model, inputs = case.build(case.batch)
     n = repeat or case.measured
     log(f"{name}: {case.description}; deploying")
-    # batch 1 is pooled from deploy time on; pool.batches pre-warms the case's own size too
-    params = {"pool.batches": str(case.batch)} if case.batch != 1 else None
-    calibration = calibration_batch(inputs, case.batch).numpy() if calibrate else None
     with Client(cluster.config_path) as client:
         # connected before the deploy: "first after deploy" measures the model's cold
         # start (material, caches), not this client's TCP + TLS handshakes (reported apart)
         t0 = time.perf_counter()
         client.connect()
         connect_ms = (time.perf_counter() - t0) * 1e3
-        deploy(model, inputs(0), name=name, config=cluster.config_path, parameters=params, calibration=calibration)
+        deploy(model, inputs(0), name=name, config=cluster.config_path, **deploy_options(case, inputs, calibrate=calibrate))
         pool_keys[0] += 1 if case.batch == 1 else 2
         log(f"{name}: {case.warmup} warm-up request(s)")
         warm, _, _ = _requests(client, name, inputs, range(10_000, 10_000 + case.warmup), stats=stats,

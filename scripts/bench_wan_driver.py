@@ -151,17 +151,14 @@ class Driver:
         return {"ok": True, "seconds": round(time.monotonic() - t0, 3)}
 
     def deploy(self, case: str, name: str) -> dict[str, Any]:
-        from bench import CASES, calibration_batch
+        from bench import CASES, deploy_options
 
         from secureinfer.client.sdk import deploy
 
         c = CASES[case]
         model, inputs = c.build(c.batch)
         t0 = time.perf_counter()
-        # as bench.py deploys: calibrated ReLU ranges, the case's batch size pre-warmed
-        params = {"pool.batches": str(c.batch)} if c.batch != 1 else None
-        deploy(model, inputs(0), name=name, config=self.config, parameters=params,
-               calibration=calibration_batch(inputs, c.batch).numpy())
+        deploy(model, inputs(0), name=name, config=self.config, **deploy_options(c, inputs))  # as bench.py deploys
         self.models[name] = (model, inputs)
         return {"ok": True, "seconds": round(time.perf_counter() - t0, 3)}
 

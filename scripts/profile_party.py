@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import CASES, calibration_batch  # noqa: E402
+from bench import CASES, calibration_batch, deploy_options  # noqa: E402
 
 from secureinfer import fss, prg, ring  # noqa: E402
 from secureinfer.dealer import material, wire  # noqa: E402
@@ -451,7 +451,7 @@ def profile_cluster(
                 renice_process(cluster.procs["dealer"].pid, dealer_nice)
             stats = DealerStats(cluster)
             deploy(model, inputs(0), name="m", config=cluster.config_path,
-                   calibration=calibration_batch(inputs, case.batch).numpy() if CALIBRATE else None)
+                   **deploy_options(case, inputs, calibrate=CALIBRATE))
             keys = 1 if case.batch == 1 else 2
             with Client(cluster.config_path) as client:
                 orig = client._c.call_all
