@@ -20,6 +20,8 @@ Schema (``parties/README.md`` has the same with examples)::
     tls = true                      # false = plaintext gRPC, for debugging only
     audits_per_hour = 30            # watermark audits one auditor may run per model per hour, >= 1
     max_client_requests = 16        # requests one client may have in flight on a party, >= 1
+    prefetch_depth = 2              # dealer parts each party caches per kind of request, 0..64
+    prefetch_kind_bytes = 134217728 # ... or more, up to this many bytes of them (at most 32 parts)
     data_transport = "stream"       # party-to-party rounds: "stream" (framed mTLS socket on
                                     # each party's data_address) or "grpc" (unary calls)
 
@@ -32,6 +34,8 @@ Schema (``parties/README.md`` has the same with examples)::
     max_set_bytes = 1073741824      # the material of one request (bigger batches refused), >= 1 MiB
     pool_nice = 10                  # added to the pool-refill thread's nice value (Linux), 0..19:
                                     # generation ahead of requests yields the CPU to requests
+    pool_kind_bytes = 268435456     # a kind with small sets is pooled deeper than pool_size: up to
+                                    # this many bytes of its sets (at most 32), >= 0
 
     [[party]]                       # at least 2; ids exactly 0..n-1
     id = 0
@@ -167,6 +171,8 @@ class ClusterSettings:
     tls: bool
     audits_per_hour: int = 30
     max_client_requests: int = 16
+    prefetch_depth: int = 2
+    prefetch_kind_bytes: int = 128 << 20
     data_transport: str = "stream"
 
 
@@ -181,6 +187,7 @@ class DealerEntry:
     max_pool_bytes: int = 2 << 30
     max_set_bytes: int = 1 << 30
     pool_nice: int = 10
+    pool_kind_bytes: int = 256 << 20
     name: str = "dealer"
     role: str = ROLE_DEALER
 
@@ -320,6 +327,8 @@ _CLUSTER_SPEC: dict[str, tuple[str, object]] = {
     "tls": ("bool", True),
     "audits_per_hour": ("int", 30),
     "max_client_requests": ("int", 16),
+    "prefetch_depth": ("int", 2),
+    "prefetch_kind_bytes": ("int", 128 << 20),
     "data_transport": ("str", "stream"),
 }
 _DEALER_SPEC: dict[str, tuple[str, object]] = {
@@ -330,6 +339,7 @@ _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "max_pool_bytes": ("int", 2 << 30),
     "max_set_bytes": ("int", 1 << 30),
     "pool_nice": ("int", 10),
+    "pool_kind_bytes": ("int", 256 << 20),
 }
 _PARTY_SPEC: dict[str, tuple[str, object]] = {
     "id": ("int", _REQ),
@@ -542,6 +552,10 @@ def _validate(
         problems.append(f"cluster.audits_per_hour must be in 1..1000000, got {c['audits_per_hour']}")
     if c["max_client_requests"] is not None and not 1 <= c["max_client_requests"] <= 100_000:
         problems.append(f"cluster.max_client_requests must be in 1..100000, got {c['max_client_requests']}")
+    if c["prefetch_depth"] is not None and not 0 <= c["prefetch_depth"] <= 64:
+        problems.append(f"cluster.prefetch_depth must be in 0..64, got {c['prefetch_depth']}")
+    if c["prefetch_kind_bytes"] is not None and c["prefetch_kind_bytes"] < 0:
+        problems.append(f"cluster.prefetch_kind_bytes must be >= 0, got {c['prefetch_kind_bytes']}")
     if c["data_transport"] is not None and c["data_transport"] not in DATA_TRANSPORTS:
         problems.append(f"cluster.data_transport must be one of {', '.join(DATA_TRANSPORTS)}, "
                         f"got {c['data_transport']!r}")
@@ -567,6 +581,8 @@ def _validate(
             problems.append(f"dealer.pool_size must be >= 0, got {d['pool_size']}")
         if d["pool_nice"] is not None and not 0 <= d["pool_nice"] <= 19:
             problems.append(f"dealer.pool_nice must be in 0..19, got {d['pool_nice']}")
+        if d["pool_kind_bytes"] is not None and d["pool_kind_bytes"] < 0:
+            problems.append(f"dealer.pool_kind_bytes must be >= 0, got {d['pool_kind_bytes']}")
         for key in ("max_pool_bytes", "max_set_bytes"):
             if d[key] is not None and d[key] < 1 << 20:
                 problems.append(f"dealer.{key} must be at least 1 MiB (1048576), got {d[key]}")

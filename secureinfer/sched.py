@@ -6,6 +6,12 @@ cluster where dealer and parties share one machine) the scheduler should prefer 
 request. :func:`lower_thread_priority` raises the calling thread's nice value (Linux
 schedules threads as tasks, so ``setpriority(PRIO_PROCESS, native thread id)`` changes
 that thread alone; raising it needs no privilege). Elsewhere it does nothing.
+
+How much throughput work is done ahead is the other half: :func:`burst_depth` sizes the
+dealer's pools and the parties' caches of material by bytes as well as by count, so a
+kind of request with small sets (an MLP at batch 1: ~0.2 MB a party) is stocked for a
+burst of back-to-back requests, while a kind with sets of hundreds of MB keeps the small
+count it is configured with.
 """
 
 from __future__ import annotations
@@ -13,9 +19,20 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["MAX_NICE", "lower_thread_priority"]
+__all__ = ["MAX_BURST_DEPTH", "MAX_NICE", "burst_depth", "lower_thread_priority"]
 
 MAX_NICE = 19
+#: the most sets of one kind a byte budget stocks ahead (a count, whatever the sizes)
+MAX_BURST_DEPTH = 32
+
+
+def burst_depth(depth: int, set_bytes: int | None, kind_bytes: int, *, cap: int = MAX_BURST_DEPTH) -> int:
+    """How many sets of one kind to hold ahead: the configured ``depth``, or more when
+    ``kind_bytes`` holds more sets of ``set_bytes`` each (at most ``cap``; never fewer
+    than ``depth``). ``set_bytes`` None (not measured yet) or a zero budget: ``depth``."""
+    if depth <= 0 or not set_bytes or set_bytes <= 0 or kind_bytes <= 0:
+        return max(0, depth)
+    return max(depth, min(cap, kind_bytes // set_bytes))
 
 
 def lower_thread_priority(increment: int) -> int | None:

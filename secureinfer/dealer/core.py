@@ -53,7 +53,7 @@ from typing import Any, NamedTuple
 from secureinfer.config import MAX_BATCH
 from secureinfer.dealer.material import BundleBuilder
 from secureinfer.dealer.wire import bundle_to_bytes
-from secureinfer.sched import MAX_NICE, lower_thread_priority
+from secureinfer.sched import MAX_BURST_DEPTH, MAX_NICE, burst_depth, lower_thread_priority
 from secureinfer.engine.ops import OPS
 from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.errors import (
@@ -99,6 +99,7 @@ class _Model:
     raw_masks: dict[str, Any]  # the same masks unprepared (watermark audits flatten them)
     wanted: dict[tuple[int, str], float] = field(default_factory=dict)  # (batch, purpose) -> last use
     set_bytes: dict[tuple[int, str], int] = field(default_factory=dict)  # measured size of one set
+    depth_hint: dict[tuple[int, str], int] = field(default_factory=dict)  # parts a party caches of a kind
     nonce: bytes = b""  # the deployment's seed nonce (NONCE_BYTES random bytes)
     registered: set[int] = field(default_factory=set)  # parties that registered it in this process
 
@@ -144,12 +145,14 @@ class DealerCore:
         self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 200.0,
         wanted_ttl_s: float = 600.0, max_pool_bytes: int = 2 << 30, max_set_bytes: int = 1 << 30,
         max_wanted_per_model: int = 8, max_generating: int = 2, generate_wait_s: float = 30.0,
-        pool_nice: int = 0,
+        pool_nice: int = 0, pool_kind_bytes: int = 0,
     ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
         self._master = master_key
         self.pool_size = pool_size
+        # kinds with small sets are pooled deeper, up to this many bytes each (sched.burst_depth)
+        self.pool_kind_bytes = pool_kind_bytes
         self.session_ttl_s = session_ttl_s
         # < the party cache's ttl_s (300 s): the dealer stops binding a part before a party drops
         # it; long enough that a LeNet-32 set (586 MB) crossing 100 Mbit links (47 s) stays usable
@@ -405,13 +408,14 @@ class DealerCore:
 
     def prefetch(
         self, deployment_id: str, *, party_id: int, batch: int, purpose: str, held: Sequence[str] = (),
-        confirm_only: bool = False,
+        confirm_only: bool = False, depth: int = 0,
     ) -> tuple[str, bytes] | None:
         """Record which pooled sets this party holds; hand it the oldest one it lacks, or None.
 
         A part handed out counts as held only once the party reports it in ``held`` (a
         transfer can fail after the dealer let go of it); only sets every party holds
-        are bound by :meth:`bind`.
+        are bound by :meth:`bind`. ``depth``: how many parts of the kind the party caches
+        (0: no hint); the pool of the kind may grow to that many sets (:meth:`kind_depth`).
         """
         self._check(batch, purpose)
         with self._lock:
@@ -420,6 +424,8 @@ class DealerCore:
         with self._lock:
             self._expire()
             self._want(m, batch, purpose)
+            if depth > 0:
+                m.depth_hint[(batch, purpose)] = min(int(depth), MAX_BURST_DEPTH)
             self._lock.notify_all()
             pool = self._pools.get((deployment_id, batch, purpose), {})
             for sid in held:
@@ -598,7 +604,7 @@ class DealerCore:
         if self._threads or self.pool_size <= 0:
             return
         for name, deep in (("dealer-pool", False), ("dealer-pool-deep", True)):
-            if deep and self.pool_size < 2:
+            if deep and self.pool_size < 2 and self.pool_kind_bytes <= 0:
                 continue
             t = threading.Thread(target=self._refill_loop, kwargs={"deep": deep}, name=name, daemon=True)
             t.start()
@@ -616,8 +622,10 @@ class DealerCore:
 
         A pool's level counts its sets and those being generated for it. Every pool gets
         a first set (``deep`` False) before any gets a second (``deep``: levels 1 up to
-        ``pool_size - 1``, in depth rounds), and no set is generated that would take the
-        pooled bytes (counting the sets being generated) over ``max_pool_bytes``.
+        its depth - 1, in depth rounds). A kind's depth is ``pool_size``, or more for small
+        sets that the parties cache deeper (:meth:`kind_depth`).
+        No set is generated that would take the pooled bytes (counting the sets being
+        generated) over ``max_pool_bytes``.
         Returns the kind and its estimated set size.
         """
         now = time.monotonic()
@@ -625,16 +633,26 @@ class DealerCore:
         kinds = sorted(((last, dep, m, batch, purpose) for dep, m in self._models.items()
                         for (batch, purpose), last in m.wanted.items() if now - last <= self.wanted_ttl_s),
                        key=lambda t: -t[0])
-        for depth in range(2, self.pool_size + 1) if deep else (1,):
-            for _, dep, m, batch, purpose in kinds:
-                size = self._estimate(m, batch, purpose) or 0
-                if size > free or size > self.max_set_bytes:
+        sizes = [self._estimate(m, batch, purpose) or 0 for _, _, m, batch, purpose in kinds]
+        depths = [self.kind_depth(m, batch, purpose, size) for (_, _, m, batch, purpose), size in zip(kinds, sizes)]
+        for depth in range(2, max(depths, default=1) + 1) if deep else (1,):
+            for (_, dep, m, batch, purpose), size, most in zip(kinds, sizes, depths):
+                if size > free or size > self.max_set_bytes or depth > most:
                     continue
                 key = (dep, batch, purpose)
                 level = len(self._pools.get(key, {})) + self._filling.get(key, 0)
                 if level < depth and (not deep or level >= 1):
                     return m, dep, batch, purpose, size
         return None
+
+    def kind_depth(self, m: _Model, batch: int, purpose: str, size: int | None) -> int:
+        """Sets to pool of one kind: ``pool_size``, or up to the parties' cache depth for
+        it (their hint: a kind in use) where ``pool_kind_bytes`` holds that many sets of
+        ``size`` bytes (:func:`~secureinfer.sched.burst_depth`)."""
+        hint = m.depth_hint.get((batch, purpose), 0)
+        if hint <= self.pool_size:
+            return self.pool_size
+        return min(hint, burst_depth(self.pool_size, size, self.pool_kind_bytes))
 
     def _done_filling(self, key: _Key, *, deep: bool, size: int) -> None:
         """A filler finished (or failed) a set of ``key`` (lock held); wake waiting Binds."""

@@ -105,7 +105,7 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
             self._party(ctx, req.party_id)
             got = self.s.core.prefetch(req.deployment_id, party_id=req.party_id, batch=req.batch,
                                        purpose=req.purpose or "logits", held=list(req.held),
-                                       confirm_only=req.confirm_only)
+                                       confirm_only=req.confirm_only, depth=req.depth)
             return [] if got is None else self._chunks(*got)
 
         yield from self._guard(ctx, "prefetch", run)
@@ -160,7 +160,8 @@ class DealerServer:
         self.log = Logger("dealer")
         self.core = DealerCore(master_key=load_master_key(master_key_path(topology)),
                                pool_size=topology.dealer.pool_size, max_pool_bytes=topology.dealer.max_pool_bytes,
-                               max_set_bytes=topology.dealer.max_set_bytes, pool_nice=topology.dealer.pool_nice)
+                               max_set_bytes=topology.dealer.max_set_bytes, pool_nice=topology.dealer.pool_nice,
+                               pool_kind_bytes=topology.dealer.pool_kind_bytes)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dealer"),
                                    options=tls.server_options(self.settings))
         dealer_pb2_grpc.add_DealerServicer_to_server(_Servicer(self), self._server)

@@ -384,12 +384,27 @@ def _pool_out(node: Node, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 @register
 class MaxPool2d(SecureOp):
-    """Max over each window by a tournament of ``max_pair`` gates: ceil(log2 k^2) rounds."""
+    """Max over each window by a tournament of ``max_pair`` gates: ceil(log2 k^2) rounds.
+
+    The values' range is the node's calibrated ``int_bits`` (:mod:`secureinfer.graph.ranges`:
+    ``|x| < 2^int_bits``) or :data:`DEFAULT_INT_BITS`; padding is ``-2^int_bits`` (the
+    most negative value in range) and each gate compares a difference on one bit more."""
 
     op = "maxpool2d"
 
     def infer(self, node, ins, ctx) -> ValueSpec:
+        self._int_bits(node, ins[0].scale)  # a bad calibrated range is refused at planning (deploy)
         return ValueSpec(_pool_out(node, ins[0].shape), ins[0].scale)
+
+    def _int_bits(self, node: Node, scale: int) -> int:
+        """Integer bits of the values (the gates compare differences on one more)."""
+        bits = node.attrs.get("int_bits", DEFAULT_INT_BITS)
+        top = full_range_int_bits(scale) - 1  # the difference's gate needs ell = scale + bits + 1 <= 63
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= top:
+            raise UnsupportedModelError(
+                f"node {node.name!r}: maxpool int_bits {bits!r} outside 1..{top} for an input with {scale} "
+                "fractional bits")
+        return bits
 
     def _levels(self, k: int) -> list[int]:
         sizes = []
@@ -401,28 +416,31 @@ class MaxPool2d(SecureOp):
     def material(self, b, name, node, ins, out, ctx, masks) -> None:
         n, c, oh, ow = out.shape
         k = node.attrs["kernel_size"][0] * node.attrs["kernel_size"][1]
+        bits = self._int_bits(node, ins[0].scale) + 1
         for lvl, pairs in enumerate(self._levels(k)):
             max_pair_material(b, f"{name}/l{lvl}", shape=(n * c, oh, ow, pairs), scale=ins[0].scale,
-                              method=ctx.method)
+                              method=ctx.method, int_bits=bits)
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
-        # max pooling pads with "minus infinity": -2^15, the most negative value in range
+        # max pooling pads with "minus infinity": -2^int_bits, the most negative value in range
         # (max_pair compares differences of in-range values exactly), added by party 0 only
-        pad = -(1 << (ins[0].scale + DEFAULT_INT_BITS)) if s.party_id == 0 else 0
+        bits = self._int_bits(node, ins[0].scale)
+        pad = -(1 << (ins[0].scale + bits)) if s.party_id == 0 else 0
         win = _unfold_int(xs[0].reshape(-1, 1, *ins[0].shape[2:]), node, pad_value=pad)
         lvl = 0
         while win.shape[-1] > 1:
             k = win.shape[-1]
             half = k // 2
             m = max_pair(s, win[..., :half], win[..., half : 2 * half], bundle=bundle, name=f"{name}/l{lvl}",
-                         scale=ins[0].scale, method=ctx.method)
+                         scale=ins[0].scale, method=ctx.method, int_bits=bits + 1)
             win = torch.cat([m, win[..., 2 * half :]], dim=-1)
             lvl += 1
         return win[..., 0].reshape(out.shape)
 
     def rounds(self, node, ins, ctx) -> int:
         k = node.attrs["kernel_size"][0] * node.attrs["kernel_size"][1]
-        return len(self._levels(k)) * max_pair_rounds(ctx.method, ins[0].scale)
+        bits = self._int_bits(node, ins[0].scale) + 1
+        return len(self._levels(k)) * max_pair_rounds(ctx.method, ins[0].scale, int_bits=bits)
 
 
 @register

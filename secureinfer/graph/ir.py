@@ -254,10 +254,10 @@ class Graph:
             if n.op == "linear" and n.attrs.get("weight") in self.param_shapes:
                 if self.param_shapes[n.attrs["weight"]] != (n.attrs.get("out_features"), n.attrs.get("in_features")):
                     out.append(f"node {n.name!r}: weight shape {self.param_shapes[n.attrs['weight']]} does not match attrs")
-            if n.op == "relu" and "int_bits" in n.attrs:
+            if n.op in ("relu", "maxpool2d") and "int_bits" in n.attrs:
                 b = n.attrs["int_bits"]
                 if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 62:
-                    out.append(f"node {n.name!r}: relu int_bits {b!r} is not an integer in 1..62")
+                    out.append(f"node {n.name!r}: {n.op} int_bits {b!r} is not an integer in 1..62")
             known.add(n.name)
         for o in self.outputs:
             if o not in known:

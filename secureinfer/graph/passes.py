@@ -16,7 +16,9 @@
   convention);
   :func:`fold_shapes` drops reshapes that do not change the shape and collapses chains
   of ``flatten``/``reshape`` into one node; :func:`eliminate_dead` removes nodes no output
-  depends on; :func:`optimize` runs all of them until nothing changes.
+  depends on; :func:`pool_before_relu` moves a ReLU from before a max pool to after it
+  (exact; ``k^2`` times fewer comparison gates); :func:`optimize` runs all of them until
+  nothing changes.
 
 Dropout and Identity never reach the IR: the importers alias their output to their
 input. Shape arithmetic (``x.size(0)``, ONNX ``Shape``/``Gather``/``Concat`` feeding a
@@ -44,6 +46,7 @@ __all__ = [
     "infer_shapes",
     "node_shape",
     "optimize",
+    "pool_before_relu",
     "run_node",
 ]
 
@@ -266,10 +269,49 @@ def eliminate_dead(graph: Graph) -> Graph:
     return _copy(graph, nodes, list(graph.outputs), dict(graph.params))
 
 
+def pool_before_relu(graph: Graph) -> Graph:
+    """Rewrite ``maxpool(relu(x))`` as ``relu(maxpool(x))`` where the ReLU's only consumer
+    is the pool and the ReLU is not a graph output.
+
+    Exact: ReLU is monotone, so ``max_i relu(x_i) = relu(max_i x_i)`` over every window,
+    and a window always holds at least one element of ``x`` (padding is at most half the
+    kernel), so the pool's ``-inf`` padding never decides the result. Why it pays under
+    MPC: a ReLU costs one comparison gate per element, and after the pool it runs on
+    ``k^2`` times fewer elements (2x2 pooling: 4x fewer gates, DCF keys and AES calls);
+    the pool's own gates are unchanged. A calibrated ``int_bits`` on the ReLU stays valid:
+    a window's maximum is no larger in magnitude than the largest value of ``x``, which
+    the bound was calibrated on. The nodes keep their names; the pool now feeds the ReLU.
+    """
+    cons = _consumers(graph)
+    by_name = {n.name: n for n in graph.nodes}
+    swaps: dict[str, str] = {}  # relu name -> pool name
+    for p in graph.nodes:
+        r = by_name.get(p.inputs[0]) if p.op == "maxpool2d" else None
+        if r is not None and r.op == "relu" and r.name not in graph.outputs and len(cons[r.name]) == 1:
+            swaps[r.name] = p.name
+    if not swaps:
+        return graph
+    pools = {pn: rn for rn, pn in swaps.items()}
+    nodes, outputs = list(graph.nodes), list(graph.outputs)
+    for rn, pn in swaps.items():  # consumers of the pool read the ReLU instead
+        nodes, outputs = _rewire(nodes, outputs, pn, rn)
+    out: list[Node] = []
+    for n in nodes:
+        if n.name in swaps:  # the pool takes the ReLU's place, on the ReLU's input
+            pool = by_name[swaps[n.name]]
+            out.append(replace(pool, inputs=(n.inputs[0], *pool.inputs[1:])))
+        elif n.name in pools:  # the ReLU takes the pool's place, on the pool's output
+            relu = by_name[pools[n.name]]
+            out.append(replace(relu, inputs=(n.name,)))
+        else:
+            out.append(n)
+    return _copy(graph, out, outputs, dict(graph.params))
+
+
 def optimize(graph: Graph) -> Graph:
-    """All passes until a fixpoint (each pass only shrinks the graph)."""
+    """All passes until a fixpoint (each shrinks the graph, or moves a ReLU after a pool)."""
     while True:
         before = len(graph.nodes)
         graph = eliminate_dead(fold_shapes(fold_affine(graph)))
         if len(graph.nodes) == before:
-            return graph
+            return pool_before_relu(graph)

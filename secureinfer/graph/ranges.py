@@ -1,5 +1,9 @@
 """Calibrated comparison ranges: fewer DCF levels where a model's values are small.
 
+Calibrated ops (:data:`CALIBRATED_OPS`): ReLU, and max pooling, whose tournament gates
+compare differences of two values in the range (``int_bits + 1`` bits; the pool pads
+with ``-2^int_bits``). Everything below says "ReLU"; it holds for both.
+
 A ReLU gate (:func:`secureinfer.protocols.compare.gate`) compares on ``n = ell - cut``
 bits, ``ell = scale + int_bits``, ``cut = scale - 12``. Its default ``int_bits = 15``
 admits real magnitudes below 2^15 = 32768, which few layers approach: the ReLU inputs of
@@ -40,15 +44,18 @@ from secureinfer.errors import InvalidArgumentError
 from secureinfer.graph.ir import Graph
 from secureinfer.graph.passes import evaluate
 
-__all__ = ["DEFAULT_MARGIN_BITS", "calibrate_ranges", "relu_ranges"]
+__all__ = ["CALIBRATED_OPS", "DEFAULT_MARGIN_BITS", "calibrate_ranges", "gate_ranges"]
 
 #: headroom above the calibration maximum: inputs up to 8x larger stay in range
 DEFAULT_MARGIN_BITS = 3
 _MIN_INT_BITS = 1
+#: ops whose comparison gates take a calibrated ``int_bits`` (the range of their input)
+CALIBRATED_OPS = ("relu", "maxpool2d")
 
 
-def relu_ranges(graph: Graph, calibration: np.ndarray) -> dict[str, float]:
-    """Largest real magnitude at the input of every ReLU node over ``calibration``."""
+def gate_ranges(graph: Graph, calibration: np.ndarray) -> dict[str, float]:
+    """Largest real magnitude at the input of every node in :data:`CALIBRATED_OPS`
+    (ReLU, max pool) over ``calibration``."""
     try:
         x = np.asarray(calibration, dtype=np.float64)
     except (TypeError, ValueError) as e:
@@ -66,7 +73,7 @@ def relu_ranges(graph: Graph, calibration: np.ndarray) -> dict[str, float]:
         raise TypeError("graph.passes.evaluate did not return every value")
     out = {}
     for n in graph.nodes:
-        if n.op == "relu":
+        if n.op in CALIBRATED_OPS:
             v = values[n.inputs[0]]
             if not np.isfinite(v).all():
                 raise InvalidArgumentError(f"node {n.name!r}: the model's values overflow on the calibration data")
@@ -78,7 +85,7 @@ def calibrate_ranges(
     graph: Graph, calibration: np.ndarray, *, margin_bits: int = DEFAULT_MARGIN_BITS,
     min_int_bits: int = _MIN_INT_BITS, max_int_bits: int | None = None,
 ) -> Graph:
-    """A copy of ``graph`` with ``int_bits`` set on every ReLU from ``calibration``.
+    """A copy of ``graph`` with ``int_bits`` set on every ReLU and max pool from ``calibration``.
 
     ``max_int_bits`` defaults to ``62 - 2 * graph.frac_bits``. Cost: one plaintext
     float64 pass over ``calibration`` (N, *input shape).
@@ -88,7 +95,7 @@ def calibrate_ranges(
     top = 62 - 2 * graph.frac_bits if max_int_bits is None else max_int_bits
     if not 1 <= min_int_bits <= top:
         raise InvalidArgumentError(f"int_bits bounds {min_int_bits}..{top} are empty")
-    ranges = relu_ranges(graph, calibration)
+    ranges = gate_ranges(graph, calibration)
     nodes = []
     for node in graph.nodes:
         if node.name in ranges:
@@ -98,7 +105,7 @@ def calibrate_ranges(
             if bits > top:
                 raise InvalidArgumentError(
                     f"node {node.name!r}: values up to {m:.3g} need {need} + {margin_bits} integer bits, "
-                    f"more than the {top} a ReLU gate has at {graph.frac_bits} fractional bits")
+                    f"more than the {top} a {node.op} gate has at {graph.frac_bits} fractional bits")
             node = replace(node, attrs={**node.attrs, "int_bits": int(bits)})
         nodes.append(node)
     return Graph(inputs=list(graph.inputs), nodes=nodes, outputs=list(graph.outputs), frac_bits=graph.frac_bits,

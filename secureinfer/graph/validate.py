@@ -213,7 +213,8 @@ def opened_elements(op: str, ins: list[tuple[int, ...]], out: tuple[int, ...], s
         k = attrs["kernel_size"][0] * attrs["kernel_size"][1]
         total, windows = 0, math.prod(out)
         while k > 1:
-            total += windows * (k // 2) * _gate_elements(method, scale_in, 2, diff=True)
+            total += windows * (k // 2) * _gate_elements(
+                method, scale_in, 2, diff=True, int_bits=attrs["int_bits"] + 1 if "int_bits" in attrs else None)
             k -= k // 2
         return total
     if op == "argmax":

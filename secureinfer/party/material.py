@@ -25,7 +25,13 @@ kind with no set left, and ``max_defer_s`` after it was first held back at the l
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
 them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
 of request are prefetched (least recently used forgotten), and no prefetch starts while
-the cached parts hold ``max_cached_bytes`` or more.
+the cached parts hold ``max_cached_bytes`` or more. A kind holds ``depth`` parts, or more
+when its parts are small: as many as ``kind_bytes`` holds, at most
+:data:`~secureinfer.sched.MAX_BURST_DEPTH` (a burst of back-to-back batch-1 requests then
+finds its material here instead of on the request path). The parts beyond ``depth`` are
+refilled only once no request has been in flight for ``burst_idle_s``: during a burst
+the stock drains without a refill running beside every request, and ``depth`` parts are
+then kept as before.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from secureinfer.dealer.material import PartyBundle
 from secureinfer.dealer.wire import bundle_from_bytes
 from secureinfer.errors import SecureInferError
 from secureinfer.log import Logger
+from secureinfer.sched import burst_depth
 from secureinfer.transport.codec import Reassembler
 from secureinfer.v1 import dealer_pb2, dealer_pb2_grpc
 
@@ -54,6 +61,8 @@ Key = tuple[str, int, str]  # (deployment id, batch, purpose)
 _CLAIM_POLL_MIN_S, _CLAIM_POLL_MAX_S = 0.01, 1.0
 #: how often an idle binder asks the dealer which claimed sets became void
 _VOID_POLL_S = 0.5
+#: how long after a part arrived the binder's request path waits for the set to be claimed
+_CLAIM_GRACE_S = 0.5
 
 
 def read_chunks(stream: Any, *, max_bytes: int) -> tuple[str, bytes] | None:
@@ -74,6 +83,9 @@ class _Entry:
     last_used: float = 0.0
     inflight: bool = False
     claimed: OrderedDict[str, None] = field(default_factory=OrderedDict)  # binder: ids it may bind
+    part_bytes: int | None = None  # size of the last part prefetched (sizes this kind's depth)
+    landed: float = 0.0  # when the last part of this kind arrived (monotonic)
+    used: bool = False  # a request of this kind came (not only a deploy's pre-warm)
 
 
 class MaterialCache:
@@ -81,13 +93,15 @@ class MaterialCache:
         self, *, party_id: int, dealer: dealer_pb2_grpc.DealerStub, prepare: Callable[[Key, PartyBundle], None],
         rpc_timeout_s: float, max_bytes: int, depth: int = 2, ttl_s: float = 300.0, idle_s: float = 600.0,
         prefetch_timeout_s: float = 120.0, max_cached_bytes: int = 2 << 30, max_keys: int = 16,
-        log: Logger | None = None, binder: bool = False, max_defer_s: float = 1.0,
+        log: Logger | None = None, binder: bool = False, max_defer_s: float = 1.0, kind_bytes: int = 0,
+        burst_idle_s: float = 0.2,
     ) -> None:
         self.party_id = party_id
         self.max_defer_s = max_defer_s
         self._serving = 0  # requests in flight (serving())
         self._deferred_since: float | None = None  # when a non-urgent prefetch was first held back
         self._released = False  # the request it waited for ended: start it even if another began
+        self._last_end = 0.0  # when the last request in flight ended (monotonic)
         self.binder = binder
         self._claim_wait = _CLAIM_POLL_MIN_S  # binder: current back-off of Claim polling
         self._next_claim = 0.0
@@ -99,6 +113,8 @@ class MaterialCache:
         self.max_cached_bytes = max_cached_bytes
         self.max_keys = max_keys
         self.depth = depth
+        self.kind_bytes = kind_bytes  # kinds with small parts are cached deeper (sched.burst_depth)
+        self.burst_idle_s = burst_idle_s
         self.ttl_s = ttl_s
         self.idle_s = idle_s
         self._log = log
@@ -129,13 +145,18 @@ class MaterialCache:
         finally:
             with self._cond:
                 self._serving -= 1
+                self._last_end = time.monotonic()
                 if not self._serving and self._deferred_since is not None:
                     self._released = True  # start the held-back prefetch now, even if a request follows at once
                 self._cond.notify_all()
 
-    def want(self, key: Key) -> None:
+    def want(self, key: Key, *, request: bool = False) -> None:
+        """Keep ``key`` prefetched; ``request``: a request of it came (it may then be
+        cached deeper than ``depth``, :meth:`kind_depth`), not only a pre-warm."""
         with self._cond:
-            self._entries.setdefault(key, _Entry()).last_used = time.monotonic()
+            e = self._entries.setdefault(key, _Entry())
+            e.last_used = time.monotonic()
+            e.used = e.used or request
             while len(self._entries) > self.max_keys:
                 oldest = min(self._entries, key=lambda k: self._entries[k].last_used)
                 del self._entries[oldest]  # its parts go too; the dealer expires their sets
@@ -161,22 +182,34 @@ class MaterialCache:
                     return None
                 self._cond.wait(left)
 
-    def take_claimed(self, key: Key) -> tuple[str, PartyBundle] | None:
+    def take_claimed(self, key: Key, *, wait_s: float = 0.0) -> tuple[str, PartyBundle] | None:
         """Binder only: the oldest claimed set of ``key`` with this party's part, or None.
 
         Sets older than half the TTL are not used (a peer may drop its part of the same
-        set a little earlier than this party); each set id is returned once.
+        set a little earlier than this party); each set id is returned once. Holding no
+        claimed set while a part of ``key`` is arriving (a prefetch in flight) or held
+        unclaimed for less than ``_CLAIM_GRACE_S`` (a peer may not have confirmed its part
+        yet; a peer that lost it never will), it waits up to ``wait_s`` for that set to be
+        claimed: the set is already on its way, while the fallback (a
+        dealer ``Bind`` that finds no set every party holds, then ``Fetch``) would move
+        another one on the request path.
         """
-        now = time.monotonic()
+        deadline = time.monotonic() + wait_s
         with self._cond:
-            e = self._entries.get(key)
-            while e is not None and e.claimed:
-                set_id, _ = e.claimed.popitem(last=False)
-                got = e.sets.pop(set_id, None)
-                if got is not None and now - got[1] <= self.ttl_s / 2:
-                    self._cond.notify_all()
-                    return set_id, got[0]
-            return None
+            while True:
+                now = time.monotonic()
+                e = self._entries.get(key)
+                while e is not None and e.claimed:
+                    set_id, _ = e.claimed.popitem(last=False)
+                    got = e.sets.pop(set_id, None)
+                    if got is not None and now - got[1] <= self.ttl_s / 2:
+                        self._cond.notify_all()
+                        return set_id, got[0]
+                left = deadline - now
+                grace = e.landed + _CLAIM_GRACE_S - now if e is not None else 0.0
+                if e is None or left <= 0 or not (e.inflight or (len(e.sets) > len(e.claimed) and grace > 0)):
+                    return None
+                self._cond.wait(left if e.inflight else min(left, grace))
 
     def drop_claimed(self) -> int:
         """Binder: forget every claimed set and its part (a peer may have lost its parts,
@@ -191,16 +224,17 @@ class MaterialCache:
                 e.claimed.clear()
             return n
 
-    def wait_ready(self, keys: list[Key], *, timeout: float, depth: int = 1) -> bool:
+    def wait_ready(self, keys: list[Key], *, timeout: float, depth: int | None = 1) -> bool:
         """Wait until this party can serve ``depth`` requests of every kind in ``keys``
         without a dealer call: it holds that many parts (the binder: claimed sets) of each,
-        and (``depth`` > 1) no prefetch for them is in flight. False on timeout."""
+        and (``depth`` > 1) no prefetch for them is in flight. ``depth`` None: each kind's
+        full depth (:meth:`kind_depth`). False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 ready = all((e := self._entries.get(k)) is not None
-                            and len(e.claimed if self.binder else e.sets) >= depth
-                            and (depth == 1 or not e.inflight)
+                            and len(e.claimed if self.binder else e.sets) >= (want := depth or self.kind_depth(e))
+                            and (want == 1 or not e.inflight)
                             for k in keys)
                 left = deadline - time.monotonic()
                 if ready or left <= 0:
@@ -224,15 +258,23 @@ class MaterialCache:
         if self._cached_bytes() >= self.max_cached_bytes:
             return None
         recent = sorted(self._entries.items(), key=lambda kv: -kv[1].last_used)
-        for depth in range(1, self.depth + 1):  # one set for every kind before a second for any
+        most = {key: self.kind_depth(e) for key, e in recent}
+        for depth in range(1, max(most.values(), default=0) + 1):  # one set for every kind before a second for any
             for key, e in recent:
-                if now - e.last_used < self.idle_s and len(e.sets) < depth:
+                if now - e.last_used < self.idle_s and len(e.sets) < depth <= most[key]:
+                    if depth > self.depth and (self._serving or now - self._last_end < self.burst_idle_s):
+                        return None  # burst stock: refilled only once requests pause
                     if depth > 1 and self._defer(now):
                         return None
                     self._deferred_since, self._released = None, False
                     return key
         self._deferred_since, self._released = None, False  # nothing left to hold back
         return None
+
+    def kind_depth(self, e: _Entry) -> int:
+        """How many parts of ``e``'s kind to hold: ``depth``, or, once a request of the kind
+        came, more for small parts (a kind only pre-warmed by a deploy is not stocked)."""
+        return burst_depth(self.depth, e.part_bytes, self.kind_bytes) if e.used else self.depth
 
     def _defer(self, now: float) -> bool:
         """Whether to hold back a non-urgent prefetch for a request in flight (lock held)."""
@@ -305,10 +347,11 @@ class MaterialCache:
             with self._cond:
                 self._entries[key].inflight = True
                 held = list(self._entries[key].sets)
+                depth = self.kind_depth(self._entries[key])
             got = None
             try:
                 req = dealer_pb2.PrefetchRequest(deployment_id=key[0], party_id=self.party_id, batch=key[1],
-                                                 purpose=key[2], held=held)
+                                                 purpose=key[2], held=held, depth=depth)
                 # background transfer of possibly large sets: the generous request timeout
                 got = read_chunks(self._dealer.Prefetch(req, timeout=self._prefetch_timeout),
                                   max_bytes=self._max_bytes)
@@ -332,6 +375,7 @@ class MaterialCache:
                     e.inflight = False
                     if got is not None:
                         e.sets[got[0]] = (bundle, time.monotonic())
+                        e.part_bytes, e.landed = bundle.nbytes, time.monotonic()
                 held = list(e.sets) if e is not None and got is not None else []
                 self._cond.notify_all()
             if held:  # tell the dealer at once, so the set can be bound

@@ -99,7 +99,8 @@ class LoadedModel:
 
 
 class PartyServer:
-    def __init__(self, topology: Topology, party_id: int, *, max_workers: int = 64, prefetch_depth: int = 2) -> None:
+    def __init__(self, topology: Topology, party_id: int, *, max_workers: int = 64,
+                 prefetch_depth: int | None = None) -> None:
         self.topology = topology
         self.party_id = party_id
         self.me = topology.party(party_id)
@@ -131,7 +132,8 @@ class PartyServer:
         self.cache = MaterialCache(
             party_id=party_id, dealer=self.dealer, prepare=self._prepare_material,
             rpc_timeout_s=self.settings.rpc_timeout_s, max_bytes=self.settings.max_message_bytes * 64,
-            depth=prefetch_depth, log=self.log, binder=party_id == BINDER,
+            depth=self.settings.prefetch_depth if prefetch_depth is None else prefetch_depth,
+            kind_bytes=self.settings.prefetch_kind_bytes, log=self.log, binder=party_id == BINDER,
         )
         if party_id == BINDER and isinstance(self.transport, StreamTransport):
             self.transport.on_peer_lost = self._peer_lost
@@ -259,7 +261,8 @@ class PartyServer:
         bound: half the request timeout with ``pool.batches``, else ``_PREWARM_BATCH1_S``
         (a set too large for the pool never arrives; then the first request waits for
         generation). Then, for at most twice that wait + 1 s more, until the cache holds its
-        full depth of those kinds with no prefetch in flight. No wait when the dealer or this
+        full depth of those kinds (the burst stock of small kinds included,
+        :meth:`MaterialCache.kind_depth`) with no prefetch in flight. No wait when the dealer or this
         party does not pool at all."""
         if self.topology.dealer.pool_size <= 0 or self.cache.depth <= 0:
             return
@@ -273,7 +276,7 @@ class PartyServer:
         # Bounded by twice the first set's wait + 1 s: a byte cap may stop the cache short.
         first = time.monotonic() - t0
         settled = ready and self.cache.wait_ready(keys, timeout=max(0.0, min(bound - first, 2 * first + 1.0)),
-                                                  depth=self.cache.depth)
+                                                  depth=None)
         self.log.info("prewarm", deployment=lm.record.deployment_id, batches=",".join(str(k[1]) for k in keys),
                       ready=ready, settled=settled, wait_ms=round((time.monotonic() - t0) * 1e3))
 
@@ -340,11 +343,14 @@ class PartyServer:
         sid = session.session_id
         audit = purpose.startswith(AUDIT_PREFIX)  # one-off audits are never prefetched
         if not audit:
-            self.cache.want(key)
+            self.cache.want(key, request=True)
         wait = self.settings.request_timeout_s  # the dealer may have to generate a set on the spot
         bundle: PartyBundle | None = None
         if self.party_id == BINDER:
-            claimed = None if audit else self.cache.take_claimed(key)
+            # a set on its way beats one moved on the request path; the rest of the
+            # deadline stays for the fallback (Bind, then Fetch)
+            left = max(0.0, (session.deadline or time.monotonic() + wait) - time.monotonic())
+            claimed = None if audit else self.cache.take_claimed(key, wait_s=left / 2)
             if claimed is not None:
                 set_id, bundle = claimed
             else:

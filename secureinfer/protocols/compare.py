@@ -223,24 +223,26 @@ def _bitwise_dbeta(
 
 def max_pair(
     session: Session, a: torch.Tensor, b: torch.Tensor, *, bundle: PartyBundle, name: str, scale: int,
-    method: str | None = None,
+    method: str | None = None, int_bits: int = DIFF_INT_BITS,
 ) -> torch.Tensor:
     """``[max(a, b)] = [b] + ReLU([a - b])``. Cost: one gate (1 round with FSS).
 
-    Exact for ``|a|, |b| < 2^15`` (real): the gate on ``a - b`` has :data:`DIFF_INT_BITS`."""
+    ``int_bits`` bounds the *difference*: exact for ``|a|, |b| < 2^(int_bits - 1)`` (real);
+    the default :data:`DIFF_INT_BITS` admits the default range ``|v| < 2^15``."""
     return b + gate(session, a - b, bundle=bundle, name=name, payload="relu", scale=scale, method=method,
-                    int_bits=DIFF_INT_BITS)
+                    int_bits=int_bits)
 
 
-def max_pair_material(builder: BundleBuilder, name: str, *, shape: tuple[int, ...], scale: int, method: str) -> None:
+def max_pair_material(builder: BundleBuilder, name: str, *, shape: tuple[int, ...], scale: int, method: str,
+                      int_bits: int = DIFF_INT_BITS) -> None:
     """Dealer side of :func:`max_pair` for operands of ``shape``."""
-    ell, cut = gate_params(scale, int_bits=DIFF_INT_BITS)
+    ell, cut = gate_params(scale, int_bits=int_bits)
     gate_material(builder, name, shape=shape, ell=ell, cut=cut, payload="relu", frac=0, method=method)
 
 
-def max_pair_rounds(method: str, scale: int) -> int:
+def max_pair_rounds(method: str, scale: int, *, int_bits: int = DIFF_INT_BITS) -> int:
     """Online rounds of :func:`max_pair`."""
-    return gate_rounds(method, scale, int_bits=DIFF_INT_BITS)
+    return gate_rounds(method, scale, int_bits=int_bits)
 
 
 def argmax_onehot(

@@ -107,20 +107,22 @@ class StatsResponse(_message.Message):
     def __init__(self, counters: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PrefetchRequest(_message.Message):
-    __slots__ = ("deployment_id", "party_id", "batch", "purpose", "held", "confirm_only")
+    __slots__ = ("deployment_id", "party_id", "batch", "purpose", "held", "confirm_only", "depth")
     DEPLOYMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PARTY_ID_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     PURPOSE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     CONFIRM_ONLY_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     deployment_id: str
     party_id: int
     batch: int
     purpose: str
     held: _containers.RepeatedScalarFieldContainer[str]
     confirm_only: bool
-    def __init__(self, deployment_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ..., held: _Optional[_Iterable[str]] = ..., confirm_only: _Optional[bool] = ...) -> None: ...
+    depth: int
+    def __init__(self, deployment_id: _Optional[str] = ..., party_id: _Optional[int] = ..., batch: _Optional[int] = ..., purpose: _Optional[str] = ..., held: _Optional[_Iterable[str]] = ..., confirm_only: _Optional[bool] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class BindRequest(_message.Message):
     __slots__ = ("deployment_id", "session_id", "party_id", "batch", "purpose")

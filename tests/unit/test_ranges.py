@@ -12,7 +12,7 @@ from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 from secureinfer.graph.ir import Graph
 from secureinfer.graph.passes import evaluate
-from secureinfer.graph.ranges import calibrate_ranges, relu_ranges
+from secureinfer.graph.ranges import calibrate_ranges, gate_ranges
 from secureinfer.graph.torch_import import from_torch
 
 from .test_ops_cnn import run_secure
@@ -34,7 +34,7 @@ def _relu_bits(g: Graph) -> list[int | None]:
 def test_calibration_sets_bits_from_the_largest_value_plus_margin() -> None:
     g = _mlp()
     x = np.random.default_rng(0).normal(size=(64, 20))
-    ranges = relu_ranges(g, x)
+    ranges = gate_ranges(g, x)
     cal = calibrate_ranges(g, x, margin_bits=3)
     expect = [max(1, int(np.floor(np.log2(m))) + 1) + 3 for m in ranges.values()]
     assert _relu_bits(cal) == expect
