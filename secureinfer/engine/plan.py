@@ -21,6 +21,7 @@ from secureinfer.dealer.material import BundleBuilder
 from secureinfer.engine.ops import OPS, Ctx, ValueSpec
 from secureinfer.errors import ShapeError, UnsupportedModelError
 from secureinfer.graph.ir import Graph, Node
+from secureinfer.graph.passes import pool_before_relu
 from secureinfer.protocols.compare import default_method
 
 __all__ = ["Plan", "Step", "compile_plan", "fixed_operand_shapes", "generate_request_material"]
@@ -78,30 +79,6 @@ def fixed_operand_shapes(graph: Graph) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def reorder_relu_maxpool(nodes: list[Node], outputs: list[str]) -> list[Node]:
-    """``maxpool(relu(x)) == relu(maxpool(x))`` (ReLU is monotone): pool first, so the
-    ReLU gate — the expensive one, fused with truncation — runs on k^2 times fewer
-    elements, and the max gates on untruncated values cost no more rounds."""
-    consumers: dict[str, list[Node]] = {}
-    for n in nodes:
-        for i in n.inputs:
-            consumers.setdefault(i, []).append(n)
-    out: list[Node] = []
-    skip: set[str] = set()
-    for n in nodes:
-        if n.name in skip:
-            continue
-        users = consumers.get(n.name, [])
-        if n.op == "relu" and len(users) == 1 and users[0].op == "maxpool2d" and n.name not in outputs:
-            m = users[0]
-            pooled = Node(f"{m.name}/pool", "maxpool2d", n.inputs, m.attrs)
-            out += [pooled, Node(m.name, "relu", (pooled.name,), n.attrs)]
-            skip.add(m.name)
-        else:
-            out.append(n)
-    return out
-
-
 def compile_plan(
     graph: Graph, *, batch: int, n_parties: int, method: str | None = None, argmax: bool = False,
     dp_clip: float | None = None,
@@ -118,7 +95,9 @@ def compile_plan(
     missing = [f"node {n.name!r}: op {n.op!r}" for n in graph.nodes if n.op not in OPS]
     if missing:
         raise UnsupportedModelError("the model cannot run under MPC", missing)
-    for node in reorder_relu_maxpool(list(graph.nodes), list(graph.outputs)):
+    # maxpool(relu(x)) -> relu(maxpool(x)): the ReLU gate (fused with truncation) runs on
+    # k^2 times fewer elements, and the max gates on untruncated values cost no more rounds
+    for node in pool_before_relu(graph).nodes:
         op = OPS[node.op]
         inputs = list(node.inputs)
         limit = op.max_in_scale(node, ctx)

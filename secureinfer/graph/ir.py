@@ -30,7 +30,7 @@ cannot run is refused with one error listing every such node.
 Names. Node and input names are *value names* (a node's output is referred to by its
 name) and node names are also the namespace of the node's dealer material: the planner
 names a step's items ``"<step>/<field>"`` and inserts steps of its own (``"<node>/pre0"``
-truncations, ``"<node>/pool"``, ``"dp/trunc"``, ``"dp/clip"``, ``"argmax"``; the audit
+truncations, ``"dp/trunc"``, ``"dp/clip"``, ``"argmax"``; the audit
 uses ``"audit/..."``). Two steps with one name would draw the *same* mask and open
 ``X - A`` and ``Y - A``, which reveals ``X - Y``. So every graph obeys
 :data:`NAME_RULE`: node and input names are unique, match :data:`NAME_PATTERN` (which has

@@ -16,9 +16,10 @@
   convention);
   :func:`fold_shapes` drops reshapes that do not change the shape and collapses chains
   of ``flatten``/``reshape`` into one node; :func:`eliminate_dead` removes nodes no output
-  depends on; :func:`pool_before_relu` moves a ReLU from before a max pool to after it
-  (exact; ``k^2`` times fewer comparison gates); :func:`optimize` runs all of them until
-  nothing changes.
+  depends on; :func:`optimize` runs these until nothing changes.
+  :func:`pool_before_relu` moves a ReLU from before a max pool to after it (exact; ``k^2``
+  times fewer comparison gates); the planner applies it to every graph it compiles and
+  range calibration to the graph it calibrates, so importers leave the order as written.
 
 Dropout and Identity never reach the IR: the importers alias their output to their
 input. Shape arithmetic (``x.size(0)``, ONNX ``Shape``/``Gather``/``Concat`` feeding a
@@ -281,7 +282,17 @@ def pool_before_relu(graph: Graph) -> Graph:
     the pool's own gates are unchanged. A calibrated ``int_bits`` on the ReLU stays valid:
     a window's maximum is no larger in magnitude than the largest value of ``x``, which
     the bound was calibrated on. The nodes keep their names; the pool now feeds the ReLU.
+    Runs to a fixpoint (``relu -> pool -> pool`` becomes ``pool -> pool -> relu``), so
+    applying it twice changes nothing.
     """
+    while True:  # to a fixpoint: a ReLU moved after a pool may now feed the next pool
+        moved = _pool_before_relu_once(graph)
+        if moved is graph:
+            return graph
+        graph = moved
+
+
+def _pool_before_relu_once(graph: Graph) -> Graph:
     cons = _consumers(graph)
     by_name = {n.name: n for n in graph.nodes}
     swaps: dict[str, str] = {}  # relu name -> pool name
@@ -309,9 +320,9 @@ def pool_before_relu(graph: Graph) -> Graph:
 
 
 def optimize(graph: Graph) -> Graph:
-    """All passes until a fixpoint (each shrinks the graph, or moves a ReLU after a pool)."""
+    """All passes until a fixpoint (each pass only shrinks the graph)."""
     while True:
         before = len(graph.nodes)
         graph = eliminate_dead(fold_shapes(fold_affine(graph)))
         if len(graph.nodes) == before:
-            return pool_before_relu(graph)
+            return graph

@@ -42,7 +42,7 @@ import numpy as np
 
 from secureinfer.errors import InvalidArgumentError
 from secureinfer.graph.ir import Graph
-from secureinfer.graph.passes import evaluate
+from secureinfer.graph.passes import evaluate, pool_before_relu
 
 __all__ = ["CALIBRATED_OPS", "DEFAULT_MARGIN_BITS", "calibrate_ranges", "gate_ranges"]
 
@@ -87,6 +87,10 @@ def calibrate_ranges(
 ) -> Graph:
     """A copy of ``graph`` with ``int_bits`` set on every ReLU and max pool from ``calibration``.
 
+    The copy has every ReLU that feeds only a max pool moved after it
+    (:func:`~secureinfer.graph.passes.pool_before_relu`), as the planner would run it:
+    the pool's range is then that of the ReLU's input, negative values included.
+
     ``max_int_bits`` defaults to ``62 - 2 * graph.frac_bits``. Cost: one plaintext
     float64 pass over ``calibration`` (N, *input shape).
     """
@@ -95,6 +99,7 @@ def calibrate_ranges(
     top = 62 - 2 * graph.frac_bits if max_int_bits is None else max_int_bits
     if not 1 <= min_int_bits <= top:
         raise InvalidArgumentError(f"int_bits bounds {min_int_bits}..{top} are empty")
+    graph = pool_before_relu(graph)  # the order the planner runs: a pool before its ReLU sees x
     ranges = gate_ranges(graph, calibration)
     nodes = []
     for node in graph.nodes:

@@ -126,12 +126,15 @@ request_timeout_s = -1
 rpc_timeout_s = "soon"
 chunk_bytes = 100000000
 reqest_timeout_s = 3
+prefetch_depth = 65
+prefetch_kind_bytes = -1
 
 [dealer]
 address = "127.0.0.1:7001"
 cert = "d.pem"
 key = "d.key"
 pool_nice = 25
+pool_kind_bytes = -5
 
 [[party]]
 id = 0
@@ -173,6 +176,9 @@ key = "x.key"
         "duplicate address '127.0.0.1:7001'",
         "SECUREINFER_MAX_MESSAGE_BYTES",
         "dealer.pool_nice must be in 0..19, got 25",
+        "cluster.prefetch_depth must be in 0..64, got 65",
+        "cluster.prefetch_kind_bytes must be >= 0, got -1",
+        "dealer.pool_kind_bytes must be >= 0, got -5",
     ]
     for fragment in expected:
         assert fragment in msg, fragment

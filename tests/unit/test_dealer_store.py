@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -341,3 +342,30 @@ def test_prefetched_set_expiry_counts_from_confirmation_not_creation() -> None:
     s.confirmed.add(0)
     s.first_confirmed = 1005.0
     assert not s.expired(1011.0, 60.0) and s.expired(1066.0, 60.0)  # parties drop parts later than the dealer stops binding them
+
+
+def test_pool_grows_to_the_parties_cache_depth_for_small_sets_in_use() -> None:
+    core = DealerCore(master_key=os.urandom(32), pool_size=2, pool_kind_bytes=1 << 30)
+    g = _graph_json()
+    for p in (0, 1):
+        core.register("d", g, party_id=p, n_parties=2)
+    core.prefetch("d", party_id=0, batch=1, purpose="logits")  # wanted; no hint yet
+    m = core._models["d"]
+    m.set_bytes[(1, "logits")] = 1000
+    assert core.kind_depth(m, 1, "logits", 1000) == 2
+    core.prefetch("d", party_id=1, batch=1, purpose="logits", depth=12)  # a party caches 12 of them
+    assert core.kind_depth(m, 1, "logits", 1000) == 12
+    assert core.kind_depth(m, 1, "logits", 600 << 20) == 2  # sets too big for pool_kind_bytes
+    core.prefetch("d", party_id=1, batch=1, purpose="logits", depth=10_000)
+    assert core.kind_depth(m, 1, "logits", 1000) == 32  # capped
+    core.pool_kind_bytes = 0
+    assert core.kind_depth(m, 1, "logits", 1000) == 2  # no budget: pool_size
+    core.pool_kind_bytes = 1 << 30
+    core.start()
+    try:  # the deep filler tops the pool up to the hint
+        deadline = time.monotonic() + 30
+        while len(core._pools.get(("d", 1, "logits"), {})) < 32 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(core._pools[("d", 1, "logits")]) == 32
+    finally:
+        core.stop()

@@ -69,3 +69,75 @@ def test_wait_ready_with_depth_waits_for_a_settled_cache() -> None:
     assert not cache.wait_ready([key], timeout=0.01, depth=2)
     e.inflight = False
     assert cache.wait_ready([key], timeout=0.01, depth=2)
+
+
+def _held(cache: MaterialCache, key, n: int, *, size: int = 1000) -> None:
+    e = cache._entries[key]
+    for i in range(n):
+        e.sets[f"s{len(e.sets) + 1}"] = (BundleBuilder(2).party_bundle(1), time.monotonic())
+    e.part_bytes = size
+
+
+def test_small_kinds_in_use_are_stocked_deeper_and_refilled_only_in_a_pause() -> None:
+    cache = _cache(kind_bytes=10_000, burst_idle_s=0.05, max_defer_s=30.0)
+    cache.want(KEY)  # a deploy's pre-warm: not stocked beyond depth 2
+    _held(cache, KEY, 2)
+    e = cache._entries[KEY]
+    assert cache.kind_depth(e) == 2 and cache._next() is None
+    cache.want(KEY, request=True)  # a request of this kind came: 10,000 / 1,000 = 10 parts
+    assert cache.kind_depth(e) == 10
+    assert cache._next() == KEY  # idle: stock up
+    with cache.serving():
+        assert cache._next() is None  # no stock refill beside a request
+    assert cache._next() is None  # ... nor right after one (a burst may go on)
+    time.sleep(0.06)
+    assert cache._next() == KEY  # a pause: refill the stock
+    _held(cache, KEY, 8)
+    assert cache._next() is None  # full at 10
+    e.part_bytes = 10_000  # a big part: no deeper than depth
+    assert cache.kind_depth(e) == 2
+    assert MaterialCache(party_id=1, dealer=None, prepare=lambda k, b: None, rpc_timeout_s=1.0,  # type: ignore[arg-type]
+                         max_bytes=1 << 20, depth=2).kind_depth(e) == 2  # no byte budget: depth
+
+
+def test_parts_below_depth_are_still_refilled_during_a_burst() -> None:
+    cache = _cache(kind_bytes=10_000, burst_idle_s=30.0, max_defer_s=30.0)
+    cache.want(KEY, request=True)
+    _held(cache, KEY, 1)
+    with cache.serving():
+        assert cache._next() is None  # depth 2 is held back by the request (as before)...
+    with cache.serving():
+        assert cache._next() == KEY  # ... and released when it ends; the stock above 2 is not
+
+
+def test_binder_waits_for_a_set_on_its_way_instead_of_binding_another() -> None:
+    import threading
+
+    cache = MaterialCache(party_id=0, dealer=None, prepare=lambda k, b: None, rpc_timeout_s=1.0,  # type: ignore[arg-type]
+                          max_bytes=1 << 20, depth=2, binder=True)
+    cache.want(KEY, request=True)
+    e = cache._entries[KEY]
+    assert cache.take_claimed(KEY, wait_s=5.0) is None  # nothing on its way: no wait
+    e.inflight = True
+
+    def lands() -> None:
+        time.sleep(0.05)
+        with cache._cond:
+            e.inflight = False
+            e.sets["s9"] = (BundleBuilder(2).party_bundle(0), time.monotonic())
+            e.landed = time.monotonic()
+            cache._cond.notify_all()
+        time.sleep(0.05)
+        with cache._cond:  # the peers confirmed it: claimed
+            e.claimed["s9"] = None
+            cache._cond.notify_all()
+
+    t0 = time.monotonic()
+    threading.Thread(target=lands).start()
+    got = cache.take_claimed(KEY, wait_s=5.0)
+    assert got is not None and got[0] == "s9" and time.monotonic() - t0 < 2.0
+    # a part held unclaimed (a peer that lost it never confirms): waits the grace only
+    e.sets["s10"] = (BundleBuilder(2).party_bundle(0), time.monotonic())
+    e.landed = time.monotonic() - 10.0
+    t0 = time.monotonic()
+    assert cache.take_claimed(KEY, wait_s=5.0) is None and time.monotonic() - t0 < 0.1

@@ -16,7 +16,8 @@ from secureinfer.engine.plan import compile_plan
 from secureinfer.errors import ShapeError, UnsupportedModelError
 from secureinfer.graph.inspect_cli import format_report, inspect_graph, register_cli
 from secureinfer.graph.ir import Graph, Node, TensorSpec
-from secureinfer.graph.passes import eliminate_dead, evaluate, fold_affine, fold_shapes, infer_shapes, optimize
+from secureinfer.graph.passes import (eliminate_dead, evaluate, fold_affine, fold_shapes, infer_shapes, optimize,
+                                      pool_before_relu)
 from secureinfer.graph.validate import estimate_cost, validate
 
 RNG = np.random.default_rng(0)  # non-secret: test weights and inputs
@@ -131,6 +132,33 @@ def test_shape_folding_and_dead_nodes() -> None:
     assert [n.name for n in eliminate_dead(g).nodes] == ["keep", "f1", "f2", "out"]
 
 
+def test_pool_before_relu_is_exact_and_keeps_relus_with_other_uses() -> None:
+    def pool(n: str, s: str, pad: int = 0) -> Node:
+        return Node(n, "maxpool2d", (s,), {"kernel_size": [3, 3], "stride": [2, 2], "padding": [pad, pad]})
+
+    nodes = [conv("c", "input", 2, 3), Node("r", "relu", ("c",), {"int_bits": 5}), pool("p", "r", pad=1),
+             Node("r2", "relu", ("p",)), pool("p2", "r2"),  # a chain: both move
+             Node("r3", "relu", ("c",)), pool("p3", "r3"), Node("a", "flatten", ("r3",), {"start_dim": 1}),  # 2 users
+             Node("f", "flatten", ("p2",), {"start_dim": 1})]
+    g = Graph(inputs=[TensorSpec("input", (-1, 2, 8, 8))], nodes=nodes, outputs=["f", "a", "p3"],
+              params={"c.weight": r(3, 2, 3, 3), "c.bias": r(3)})
+    g2 = pool_before_relu(g)
+    # to a fixpoint: r moves after p, then after p2 (r2 on r: ReLU twice, as before)
+    assert [(n.name, n.op, n.inputs) for n in g2.nodes][:5] == [
+        ("c", "conv2d", ("input",)), ("p", "maxpool2d", ("c",)), ("p2", "maxpool2d", ("p",)),
+        ("r", "relu", ("p2",)), ("r2", "relu", ("r",))]
+    assert g2.nodes[3].attrs == {"int_bits": 5}  # a calibrated range moves with its ReLU
+    assert [(n.name, n.inputs) for n in g2.nodes][5:] == [("r3", ("c",)), ("p3", ("r3",)), ("a", ("r3",)),
+                                                          ("f", ("r2",))]
+    assert pool_before_relu(g2).nodes == g2.nodes  # idempotent
+    x = r(2, 2, 8, 8)
+    v1, v2 = evaluate(g, x, all_values=True), evaluate(g2, x, all_values=True)
+    for o in g.outputs:  # ReLU is monotone: exact
+        np.testing.assert_array_equal(v2[o], v1[o])
+    out = pool_before_relu(Graph(inputs=g.inputs, nodes=nodes[:3], outputs=["r", "p"], params=g.params))
+    assert [n.op for n in out.nodes] == ["conv2d", "relu", "maxpool2d"]  # a ReLU that is an output stays
+
+
 def test_infer_shapes_and_shape_errors() -> None:
     g = cnn_with_bn()
     shapes = infer_shapes(g, batch=7)
@@ -186,14 +214,15 @@ def test_cost_estimate_follows_the_plan() -> None:
     assert [s.rounds for s in steps] == [row["rounds"] for row in plan.per_step()]
     by = {s.step: s for s in steps}
     assert by["c1"].bytes_per_peer == 8 * 28 * 28  # only the input mask is opened
-    # the planner pools before the ReLU (maxpool(relu(x)) == relu(maxpool(x))): step "p1/pool"
-    # is the max tournament on the conv output, "p1" the ReLU gate on the pooled values
-    assert by["p1/pool"].bytes_per_peer == 8 * 16 * 12 * 12 * (2 + 1)  # 4-window tournament: 2 + 1 gates
-    assert by["p1"].bytes_per_peer == 8 * 16 * 12 * 12  # FSS gate: one opening per element
+    # the planner pools before the ReLU (maxpool(relu(x)) == relu(maxpool(x))): step "p1"
+    # is the max tournament on the conv output, "r1" the ReLU gate on the pooled values
+    assert [s.step for s in steps][:3] == ["c1", "p1", "r1"]
+    assert by["p1"].bytes_per_peer == 8 * 16 * 12 * 12 * (2 + 1)  # 4-window tournament: 2 + 1 gates
+    assert by["r1"].bytes_per_peer == 8 * 16 * 12 * 12  # FSS gate: one opening per element
     assert by["flat"].bytes_per_peer == 0
     three = estimate_cost(g, batch=2, n_parties=3)
     assert all(t.bytes_per_peer is not None for t in three)
-    assert next(t for t in three if t.step == "p1").bytes_per_peer > 8 * 2 * by["p1"].bytes_per_peer  # bitwise
+    assert next(t for t in three if t.step == "r1").bytes_per_peer > 8 * 2 * by["r1"].bytes_per_peer  # bitwise
 
 
 def test_inspect_report_and_cli(tmp_path, capsys) -> None:

@@ -115,3 +115,45 @@ def test_three_parties_calibrated_bitwise_gate_has_fewer_rounds_and_bytes() -> N
     base = {s.step: s.bytes_per_peer for s in estimate_cost(g, batch=4, n_parties=3)}
     relus = [n.name for n in g.nodes if n.op == "relu"]
     assert all(est[r] < base[r] for r in relus)
+
+
+def _cnn() -> torch.nn.Module:
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.MaxPool2d(2, padding=1),
+                               torch.nn.Flatten(), torch.nn.Linear(3 * 3 * 3, 4)).eval()
+
+
+def _offline_bytes(graph: Graph, batch: int) -> int:
+    plan = compile_plan(graph, batch=batch, n_parties=2)
+    mb, rb = BundleBuilder(2), BundleBuilder(2)
+    generate_request_material(plan, rb, {k: mb.random(f"{k}/B", s) for k, s in fixed_operand_shapes(graph).items()})
+    return sum(len(v) for v in rb.party_bundle(0).blobs.values())
+
+
+def test_max_pools_are_calibrated_and_agree_with_plaintext() -> None:
+    g = from_torch(_cnn(), torch.zeros(1, 1, 6, 6), frac_bits=16)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32, 1, 6, 6))
+    cal = calibrate_ranges(g, x)
+    # calibrated in the planner's order: the pool runs first and sees negative values
+    assert [n.op for n in g.nodes][:3] == ["conv2d", "relu", "maxpool2d"]
+    assert [n.op for n in cal.nodes][:3] == ["conv2d", "maxpool2d", "relu"]
+    pool = next(n for n in cal.nodes if n.op == "maxpool2d")
+    m = gate_ranges(cal, x)[pool.name]
+    conv_out = evaluate(g, x, all_values=True)[g.nodes[0].name]
+    assert m == np.abs(conv_out).max()  # the range of the conv output itself, not of its ReLU
+    assert 2 ** (pool.attrs["int_bits"] - 3) > m >= 2 ** (pool.attrs["int_bits"] - 4)
+    assert _offline_bytes(cal, 4) < 0.8 * _offline_bytes(g, 4)
+    xt = torch.as_tensor(rng.normal(size=(4, 1, 6, 6)))  # padding: the pad value -2^int_bits is in range
+    out, _ = run_secure(cal, xt, 2)
+    assert np.abs(out["logits"].numpy() - evaluate(g, xt.numpy())).max() < 1e-3
+
+
+def test_a_bad_max_pool_range_is_refused_at_planning() -> None:
+    g = from_torch(_cnn(), torch.zeros(1, 1, 6, 6), frac_bits=16)
+    nodes = [n if n.op != "maxpool2d" else type(n)(name=n.name, op=n.op, inputs=n.inputs,
+                                                   attrs={**n.attrs, "int_bits": 60}) for n in g.nodes]
+    bad = Graph(inputs=list(g.inputs), nodes=nodes, outputs=list(g.outputs), frac_bits=g.frac_bits,
+                params=dict(g.params), param_shapes=dict(g.param_shapes))
+    with pytest.raises(UnsupportedModelError, match="maxpool int_bits 60"):
+        compile_plan(bad, batch=1, n_parties=2)

@@ -34,3 +34,14 @@ def test_bad_increment_is_refused_and_zero_is_a_no_op() -> None:
     for bad in (-1, 20, 1.5):
         with pytest.raises(ValueError, match="nice increment"):
             lower_thread_priority(bad)  # type: ignore[arg-type]
+
+
+def test_burst_depth_sizes_stock_by_bytes_within_bounds() -> None:
+    from secureinfer.sched import MAX_BURST_DEPTH, burst_depth
+
+    assert burst_depth(2, 1_000, 10_000) == 10  # the budget holds 10 sets
+    assert burst_depth(2, 1_000, 1 << 30) == MAX_BURST_DEPTH  # a count cap, whatever the sizes
+    assert burst_depth(4, 300 << 20, 256 << 20) == 4  # big sets keep the configured count
+    assert burst_depth(2, None, 10_000) == 2  # size not measured yet
+    assert burst_depth(2, 1_000, 0) == 2  # no budget
+    assert burst_depth(0, 1_000, 10_000) == 0  # pooling off stays off
