@@ -86,6 +86,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from secureinfer.client.admin import remove_model  # noqa: E402
 from secureinfer.client.sdk import Client, deploy  # noqa: E402
 from secureinfer.localcluster import LocalCluster  # noqa: E402
 
@@ -317,7 +318,10 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         log(f"{name}: {n} back-to-back requests")
         stats.wait_full(target)
         b2b, _, hits_bb = _requests(client, name, inputs, range(20_000, 20_000 + n), stats=stats, pool_target=None)
-        stats.wait_full(target)  # leave the dealer idle for the next case
+    # each case on its own: a finished case's pools and cached parts would otherwise hold
+    # memory (and the dealer's byte budget) for the next until they expire
+    remove_model(cluster.config_path, name)
+    stats.wait_full(target)  # leave the dealer idle for the next case
 
     with torch.no_grad():
         plain = np.concatenate([model(inputs(i)).double().numpy() for i in range(n)])
