@@ -21,7 +21,7 @@ Schema (``parties/README.md`` has the same with examples)::
     audits_per_hour = 30            # watermark audits one auditor may run per model per hour, >= 1
     max_client_requests = 16        # requests one client may have in flight on a party, >= 1
     prefetch_depth = 2              # dealer parts each party caches per kind of request, 0..64
-    prefetch_kind_bytes = 134217728 # ... or more, up to this many bytes of them (at most 32 parts)
+    prefetch_kind_bytes = 1073741824 # ... or more, up to this many bytes of them (at most 32 parts)
     data_transport = "stream"       # party-to-party rounds: "stream" (framed mTLS socket on
                                     # each party's data_address) or "grpc" (unary calls)
 
@@ -172,7 +172,7 @@ class ClusterSettings:
     audits_per_hour: int = 30
     max_client_requests: int = 16
     prefetch_depth: int = 2
-    prefetch_kind_bytes: int = 128 << 20
+    prefetch_kind_bytes: int = 1 << 30
     data_transport: str = "stream"
 
 
@@ -328,7 +328,7 @@ _CLUSTER_SPEC: dict[str, tuple[str, object]] = {
     "audits_per_hour": ("int", 30),
     "max_client_requests": ("int", 16),
     "prefetch_depth": ("int", 2),
-    "prefetch_kind_bytes": ("int", 128 << 20),
+    "prefetch_kind_bytes": ("int", 1 << 30),
     "data_transport": ("str", "stream"),
 }
 _DEALER_SPEC: dict[str, tuple[str, object]] = {
