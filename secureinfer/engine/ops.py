@@ -126,6 +126,20 @@ def _encode_param(value: Any, frac: int) -> torch.Tensor:
     return ring.encode(torch.as_tensor(value, dtype=torch.float64), frac_bits=frac, max_abs=2.0 ** 15)
 
 
+def calibrated_int_bits(node: Node, scale: int, *, what: str) -> int:
+    """A gated node's integer bits: its calibrated ``int_bits`` (see
+    :mod:`secureinfer.graph.ranges`) or :data:`DEFAULT_INT_BITS`, in ``1..62 - scale``
+    (a ReLU fused with truncation needs ``ell <= 62``, a max pool's difference gate
+    ``scale + int_bits + 1 <= 63``); UnsupportedModelError naming the node otherwise."""
+    bits = node.attrs.get("int_bits", DEFAULT_INT_BITS)
+    top = full_range_int_bits(scale) - 1
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= top:
+        raise UnsupportedModelError(
+            f"node {node.name!r}: {what} int_bits {bits!r} outside 1..{top} for an input with {scale} "
+            "fractional bits")
+    return bits
+
+
 # ----------------------------------------------------------------------------- linear family
 
 
@@ -280,14 +294,8 @@ class Relu(SecureOp):
         return ("relu_trunc", s - ctx.f) if s > ctx.f else ("relu", 0)
 
     def _int_bits(self, node: Node, scale: int) -> int:
-        """The gate's integer bits: the node's calibrated ``int_bits`` (see
-        :mod:`secureinfer.graph.ranges`) or :data:`DEFAULT_INT_BITS`."""
-        bits = node.attrs.get("int_bits", DEFAULT_INT_BITS)
-        top = full_range_int_bits(scale) - 1  # relu_trunc's wrap bit needs ell <= 62
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= top:
-            raise UnsupportedModelError(
-                f"node {node.name!r}: relu int_bits {bits!r} outside 1..{top} for an input with {scale} fractional bits")
-        return bits
+        """The gate's integer bits (relu_trunc's wrap bit needs ell <= 62)."""
+        return calibrated_int_bits(node, scale, what="relu")
 
     def material(self, b, name, node, ins, out, ctx, masks) -> None:
         payload, frac = self._payload(ins, ctx)
@@ -397,14 +405,8 @@ class MaxPool2d(SecureOp):
         return ValueSpec(_pool_out(node, ins[0].shape), ins[0].scale)
 
     def _int_bits(self, node: Node, scale: int) -> int:
-        """Integer bits of the values (the gates compare differences on one more)."""
-        bits = node.attrs.get("int_bits", DEFAULT_INT_BITS)
-        top = full_range_int_bits(scale) - 1  # the difference's gate needs ell = scale + bits + 1 <= 63
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= top:
-            raise UnsupportedModelError(
-                f"node {node.name!r}: maxpool int_bits {bits!r} outside 1..{top} for an input with {scale} "
-                "fractional bits")
-        return bits
+        """Integer bits of the values (the difference's gate has one more: ell <= 63)."""
+        return calibrated_int_bits(node, scale, what="maxpool")
 
     def _levels(self, k: int) -> list[int]:
         sizes = []

@@ -233,7 +233,7 @@ class MaterialCache:
         with self._cond:
             while True:
                 ready = all((e := self._entries.get(k)) is not None
-                            and len(e.claimed if self.binder else e.sets) >= (want := depth or self.kind_depth(e))
+                            and len(e.claimed if self.binder else e.sets) >= (want := self.kind_depth(e) if depth is None else depth)
                             and (want == 1 or not e.inflight)
                             for k in keys)
                 left = deadline - time.monotonic()
