@@ -36,6 +36,8 @@ Schema (``parties/README.md`` has the same with examples)::
                                     # generation ahead of requests yields the CPU to requests
     pool_kind_bytes = 268435456     # a kind with small sets is pooled deeper than pool_size: up to
                                     # this many bytes of its sets (at most 32), >= 0
+    worker_processes = true         # pools are filled in two spawned worker processes (the deep
+                                    # one at pool_nice), not in threads of the dealer process
 
     [[party]]                       # at least 2; ids exactly 0..n-1
     id = 0
@@ -188,6 +190,7 @@ class DealerEntry:
     max_set_bytes: int = 1 << 30
     pool_nice: int = 10
     pool_kind_bytes: int = 256 << 20
+    worker_processes: bool = True
     name: str = "dealer"
     role: str = ROLE_DEALER
 
@@ -340,6 +343,7 @@ _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "max_set_bytes": ("int", 1 << 30),
     "pool_nice": ("int", 10),
     "pool_kind_bytes": ("int", 256 << 20),
+    "worker_processes": ("bool", True),
 }
 _PARTY_SPEC: dict[str, tuple[str, object]] = {
     "id": ("int", _REQ),

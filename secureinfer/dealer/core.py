@@ -51,11 +51,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from secureinfer.config import MAX_BATCH
+from secureinfer.dealer.generation import GenerationWorker, ModelSpec, fixed_masks, generate_parts
 from secureinfer.dealer.material import BundleBuilder
 from secureinfer.dealer.wire import bundle_to_bytes
 from secureinfer.sched import MAX_BURST_DEPTH, MAX_NICE, burst_depth, lower_thread_priority
-from secureinfer.engine.ops import OPS
-from secureinfer.engine.plan import compile_plan, fixed_operand_shapes, generate_request_material
 from secureinfer.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -102,6 +101,7 @@ class _Model:
     depth_hint: dict[tuple[int, str], int] = field(default_factory=dict)  # parts a party caches of a kind
     nonce: bytes = b""  # the deployment's seed nonce (NONCE_BYTES random bytes)
     registered: set[int] = field(default_factory=set)  # parties that registered it in this process
+    spec: ModelSpec | None = None  # what a generation worker needs (set at registration)
 
 
 @dataclass
@@ -145,7 +145,7 @@ class DealerCore:
         self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 200.0,
         wanted_ttl_s: float = 600.0, max_pool_bytes: int = 2 << 30, max_set_bytes: int = 1 << 30,
         max_wanted_per_model: int = 8, max_generating: int = 2, generate_wait_s: float = 30.0,
-        pool_nice: int = 0, pool_kind_bytes: int = 0,
+        pool_nice: int = 0, pool_kind_bytes: int = 0, worker_processes: bool = False,
     ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
@@ -183,6 +183,10 @@ class DealerCore:
         self._filling_bytes = 0  # estimated size of the sets the fillers are generating
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # pool fillers generate in spawned processes (dealer/generation.py): no interpreter-lock
+        # contention with the RPC threads; request-path generation stays in the calling thread
+        self.worker_processes = worker_processes
+        self._workers: list[GenerationWorker] = []
 
     # ------------------------------------------------------------------ models
     def register(
@@ -240,20 +244,15 @@ class DealerCore:
                 return admit(m)
         use = nonce or fresh_seed()  # fresh_seed: os.urandom(32)
         seeds = [derive_seed(self._master, f"model/{deployment_id}/{use.hex()}/{p}") for p in range(n_parties)]
-        b = BundleBuilder(n_parties, seeds=seeds)
-        nodes = {n.name: n for n in graph.nodes}
-        masks: dict[str, Any] = {}
-        raw: dict[str, Any] = {}
-        for key, shape in fixed_operand_shapes(graph).items():
-            node_name, attr = key.rsplit("/", 1)
-            node = nodes[node_name]
-            raw[key] = b.random(f"{key}/B", shape)
-            masks[key] = OPS[node.op].prepare(node, attr, raw[key])
+        masks, raw = fixed_masks(graph, seeds)
         with self._lock:
             # concurrent first registrations: the first to get here wins, the others join it
             m = self._models.setdefault(
                 deployment_id, _Model(graph, digest, n_parties, seeds, masks, raw, nonce=use)
             )
+            if m.spec is None:
+                m.spec = ModelSpec(f"{deployment_id}/{m.nonce.hex()}/{m.digest}", graph_json, tuple(m.seeds),
+                                   n_parties)
             reg = admit(m)
             m.wanted.setdefault((1, "logits"), time.monotonic())
             self._lock.notify_all()
@@ -293,17 +292,19 @@ class DealerCore:
             raise InvalidArgumentError("session_id must be 1..128 characters")
 
     # ------------------------------------------------------------------ material
-    def _generate(self, m: _Model, batch: int, purpose: str) -> _Set:
+    def _generate(self, m: _Model, batch: int, purpose: str, *, worker: GenerationWorker | None = None) -> _Set:
+        """A fresh set of (batch, purpose): in ``worker``'s process where given (the pool
+        fillers, see :mod:`secureinfer.dealer.generation`), else in this thread."""
         if purpose.startswith(AUDIT_PREFIX):
             return self._generate_audit(m, purpose)
-        plan = compile_plan(m.graph, batch=batch, n_parties=m.n_parties, argmax=purpose == "argmax",
-                            dp_clip=1.0 if purpose == "dp" else None)  # the bound is not in the material
         with self._lock:
             self._in_generation += 1
         try:
-            b = BundleBuilder(m.n_parties)
-            generate_request_material(plan, b, m.masks)
-            parts: list[bytes | None] = [bundle_to_bytes(b.party_bundle(p)) for p in range(m.n_parties)]
+            if worker is not None and m.spec is not None:
+                got: list[bytes] = worker.generate(m.spec, batch=batch, purpose=purpose)
+            else:
+                got = generate_parts(m.graph, m.masks, n_parties=m.n_parties, batch=batch, purpose=purpose)
+            parts: list[bytes | None] = list(got)
         finally:
             with self._lock:
                 self._in_generation -= 1
@@ -606,14 +607,26 @@ class DealerCore:
         for name, deep in (("dealer-pool", False), ("dealer-pool-deep", True)):
             if deep and self.pool_size < 2 and self.pool_kind_bytes <= 0:
                 continue
-            t = threading.Thread(target=self._refill_loop, kwargs={"deep": deep}, name=name, daemon=True)
+            worker = None
+            if self.worker_processes:
+                worker = GenerationWorker(nice=self.pool_nice if deep else 0, name=f"{name}-worker")
+                worker.start()
+                self._workers.append(worker)
+            t = threading.Thread(target=self._refill_loop, kwargs={"deep": deep, "worker": worker}, name=name,
+                                 daemon=True)
             t.start()
             self._threads.append(t)
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running generation workers (empty without ``worker_processes``)."""
+        return [pid for w in self._workers if (pid := w.pid) is not None]
 
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
             self._lock.notify_all()
+        for w in self._workers:  # a filler waiting on its worker sees it end
+            w.stop()
         for t in self._threads:
             t.join(timeout=10)
 
@@ -664,8 +677,8 @@ class DealerCore:
             del self._filling[key]
         self._lock.notify_all()
 
-    def _refill_loop(self, *, deep: bool = False) -> None:
-        if deep:
+    def _refill_loop(self, *, deep: bool = False, worker: GenerationWorker | None = None) -> None:
+        if deep and worker is None:
             lower_thread_priority(self.pool_nice)  # generation ahead of demand yields to request paths
         while not self._stop.is_set():
             with self._lock:
@@ -681,7 +694,7 @@ class DealerCore:
                 if not deep:
                     self._filling_first.add(key)
             try:
-                s = self._generate(m, batch, purpose)
+                s = self._generate(m, batch, purpose, worker=worker)
             except Exception:  # a kind that cannot be generated must not stop the pool for all
                 with self._lock:
                     self._done_filling(key, deep=deep, size=size)

@@ -161,7 +161,8 @@ class DealerServer:
         self.core = DealerCore(master_key=load_master_key(master_key_path(topology)),
                                pool_size=topology.dealer.pool_size, max_pool_bytes=topology.dealer.max_pool_bytes,
                                max_set_bytes=topology.dealer.max_set_bytes, pool_nice=topology.dealer.pool_nice,
-                               pool_kind_bytes=topology.dealer.pool_kind_bytes)
+                               pool_kind_bytes=topology.dealer.pool_kind_bytes,
+                               worker_processes=topology.dealer.worker_processes)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dealer"),
                                    options=tls.server_options(self.settings))
         dealer_pb2_grpc.add_DealerServicer_to_server(_Servicer(self), self._server)

@@ -226,7 +226,7 @@ def test_claimed_sets_are_ready_sets_delegated_once_and_never_bound_again() -> N
 def test_stats_gauges_track_generation_and_pool(monkeypatch) -> None:
     import threading
 
-    from secureinfer.dealer import core as core_mod
+    from secureinfer.dealer import generation as gen_mod
 
     core = DealerCore(master_key=os.urandom(32), pool_size=0)
     g = _graph_json()
@@ -234,14 +234,14 @@ def test_stats_gauges_track_generation_and_pool(monkeypatch) -> None:
     core.register("d", g, party_id=1, n_parties=2)
     assert core.stats()["generating"] == 0 and core.stats()["pooled_sets"] == 0
     entered, release = threading.Event(), threading.Event()
-    real = core_mod.generate_request_material
+    real = gen_mod.generate_request_material
 
     def slow(*args, **kwargs):
         entered.set()
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core_mod, "generate_request_material", slow)
+    monkeypatch.setattr(gen_mod, "generate_request_material", slow)
     th = threading.Thread(target=core.fetch, args=("d", "s"), kwargs={"party_id": 0, "batch": 1, "purpose": "logits"})
     th.start()
     assert entered.wait(10)
@@ -257,12 +257,12 @@ def test_stats_gauges_track_generation_and_pool(monkeypatch) -> None:
 def test_bind_waits_for_the_set_the_filler_is_generating(monkeypatch) -> None:
     import threading
 
-    from secureinfer.dealer import core as core_mod
+    from secureinfer.dealer import generation as gen_mod
 
     core = DealerCore(master_key=os.urandom(32), pool_size=1)
     g = _graph_json()
     entered, release = threading.Event(), threading.Event()
-    real = core_mod.generate_request_material
+    real = gen_mod.generate_request_material
     calls: list[int] = []
 
     def slow(*args, **kwargs):
@@ -271,7 +271,7 @@ def test_bind_waits_for_the_set_the_filler_is_generating(monkeypatch) -> None:
         release.wait(10)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core_mod, "generate_request_material", slow)
+    monkeypatch.setattr(gen_mod, "generate_request_material", slow)
     core.register("d", g, party_id=0, n_parties=2)
     core.register("d", g, party_id=1, n_parties=2)
     core.start()
@@ -294,17 +294,17 @@ def test_bind_waits_for_the_set_the_filler_is_generating(monkeypatch) -> None:
 def test_a_kind_that_fails_to_generate_does_not_stop_the_pool(monkeypatch) -> None:
     import time
 
-    from secureinfer.dealer import core as core_mod
+    from secureinfer.dealer import generation as gen_mod
 
     core = DealerCore(master_key=os.urandom(32), pool_size=3, pool_nice=5)
-    real = core_mod.generate_request_material
+    real = gen_mod.generate_request_material
 
     def flaky(plan, *args, **kwargs):
         if plan.batch == 2:
             raise RuntimeError("cannot generate this kind")
         return real(plan, *args, **kwargs)
 
-    monkeypatch.setattr(core_mod, "generate_request_material", flaky)
+    monkeypatch.setattr(gen_mod, "generate_request_material", flaky)
     g = _graph_json()
     core.register("d", g, party_id=0, n_parties=2)
     core.register("d", g, party_id=1, n_parties=2)
