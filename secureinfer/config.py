@@ -68,7 +68,8 @@ environment variables are listed in :data:`ENV_VARS`: ``SECUREINFER_`` + the key
 case for ``[cluster]`` (``SECUREINFER_REQUEST_TIMEOUT_S``, ``SECUREINFER_FRAC_BITS``,
 ``SECUREINFER_TLS`` = 1/0, true/false, yes/no, on/off, ...; the cluster name is
 ``SECUREINFER_CLUSTER_NAME``), plus ``SECUREINFER_DEALER_ADDRESS``,
-``SECUREINFER_DEALER_POOL_SIZE`` and ``SECUREINFER_HE_ADDRESS``.
+``SECUREINFER_DEALER_POOL_SIZE``, ``SECUREINFER_DEALER_WORKER_PROCESSES`` and
+``SECUREINFER_HE_ADDRESS``.
 
 Override keys are the same settings, either dotted (``"cluster.tls"``, ``"dealer.address"``)
 or, for ``[cluster]`` keys, bare (``"request_timeout_s"``); a ``None`` value means "flag not
@@ -134,6 +135,7 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "SECUREINFER_DEALER_POOL_SIZE": ("dealer", "pool_size"),
     "SECUREINFER_DEALER_MAX_POOL_BYTES": ("dealer", "max_pool_bytes"),
     "SECUREINFER_DEALER_MAX_SET_BYTES": ("dealer", "max_set_bytes"),
+    "SECUREINFER_DEALER_WORKER_PROCESSES": ("dealer", "worker_processes"),
     "SECUREINFER_HE_ADDRESS": ("he", "address"),
 }
 

@@ -78,6 +78,8 @@ def test_minimal_file_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert t.cluster.request_timeout_s == 12.5  # file
     assert t.cluster.frac_bits == 16 and t.cluster.tls is True  # defaults
     assert t.cluster.rpc_timeout_s == 10.0 and t.dealer.pool_size == 4
+    assert t.dealer.worker_processes is True
+    assert load_topology(f, environ={"SECUREINFER_DEALER_WORKER_PROCESSES": "0"}).dealer.worker_processes is False
     assert t.he is None
     assert t.identity("alice").role == ROLE_CLIENT
     assert [p.id for p in t.peers(0)] == [1]
