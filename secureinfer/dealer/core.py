@@ -183,7 +183,7 @@ class DealerCore:
         self._filling_bytes = 0  # estimated size of the sets the fillers are generating
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        # pool fillers generate in spawned processes (dealer/generation.py): no interpreter-lock
+        # pool fillers generate in worker processes (dealer/generation.py): no interpreter-lock
         # contention with the RPC threads; request-path generation stays in the calling thread
         self.worker_processes = worker_processes
         self._workers: list[GenerationWorker] = []
