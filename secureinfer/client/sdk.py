@@ -31,9 +31,9 @@ from secureinfer.errors import PeerUnavailableError, SecureInferError, ShapeErro
 from secureinfer.graph.ir import Graph
 from secureinfer.graph.ranges import DEFAULT_MARGIN_BITS, calibrate_ranges
 from secureinfer.prg import Prg
-from secureinfer.sharing import reconstruct, share
+from secureinfer.sharing import reconstruct, share_seeded
 from secureinfer.transport import tls
-from secureinfer.transport.codec import share_from_proto, split_chunks, tensor_to_proto
+from secureinfer.transport.codec import seeded_share_to_proto, share_from_proto, split_chunks, tensor_to_proto
 from secureinfer.v1 import common_pb2, party_pb2, party_pb2_grpc
 
 __all__ = ["Client", "InferenceCost", "deploy", "deploy_graph"]
@@ -203,14 +203,14 @@ class Client:
         f = frac_bits if frac_bits is not None else self.topology.cluster.frac_bits
         enc = ring.encode(arr.to(torch.float64), frac_bits=f)
         with self._prg_lock:
-            shares = share(enc, self.topology.n_parties, prg=self._prg)
+            first, seeds = share_seeded(enc, self.topology.n_parties, prg=self._prg)
         rid = uuid.uuid4().hex
+        inputs = [tensor_to_proto(first, encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=f),
+                  *(seeded_share_to_proto(s, enc.shape, frac_bits=f) for s in seeds)]  # 32 bytes each
         reqs = [
-            party_pb2.InferRequest(
-                model_name=name, model_version=version, request_id=rid, outputs=list(outputs),
-                input=tensor_to_proto(s, encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=f),
-            )
-            for s in shares
+            party_pb2.InferRequest(model_name=name, model_version=version, request_id=rid,
+                                   outputs=list(outputs), input=t)
+            for t in inputs
         ]
         resps: list[party_pb2.InferResponse] = self._c.call_all(
             lambda i, ch: party_pb2_grpc.InferenceStub(ch).Infer(reqs[i], timeout=self.timeout, metadata=self._c.metadata)
@@ -267,9 +267,11 @@ def deploy_graph(
         prg = Prg.from_os()
         per_party: list[party_pb2.WeightShares] = [party_pb2.WeightShares() for _ in range(n)]
         for pname, value in enc.items():
-            for i, s in enumerate(share(value, n, prg=prg)):
-                per_party[i].tensors.add(name=pname, tensor=tensor_to_proto(s, encoding=common_pb2.ENCODING_ADDITIVE_SHARE,
-                                                                        frac_bits=graph.frac_bits))
+            first, seeds = share_seeded(value, n, prg=prg)
+            per_party[0].tensors.add(name=pname, tensor=tensor_to_proto(first, encoding=common_pb2.ENCODING_ADDITIVE_SHARE,
+                                                                    frac_bits=graph.frac_bits))
+            for i, seed in enumerate(seeds, start=1):
+                per_party[i].tensors.add(name=pname, tensor=seeded_share_to_proto(seed, value.shape, frac_bits=graph.frac_bits))
         deployment_id = uuid.uuid4().hex
         chunk = c.topology.cluster.chunk_bytes
         gjson = graph.public_json()

@@ -442,14 +442,15 @@ class PartyServer:
             raise InvalidArgumentError(f"unknown outputs {bad}; available: {list(OUTPUTS)}")
         spec = lm.graph.input_spec()
         expected = "(batch, " + ", ".join(str(d) for d in spec.shape[1:]) + ")"
-        if req.input.encoding != common_pb2.ENCODING_ADDITIVE_SHARE:
+        if req.input.encoding not in (common_pb2.ENCODING_ADDITIVE_SHARE, common_pb2.ENCODING_SEEDED_SHARE):
             raise ShapeError(f"input must be an additive share (INT64) of shape {expected}")
-        x = share_from_proto(req.input, expect_frac_bits=lm.graph.frac_bits)
-        if x.dim() != len(spec.shape) or tuple(x.shape[1:]) != tuple(spec.shape[1:]) or x.shape[0] < 1:
-            raise ShapeError(f"model {lm.record.name!r} expects input of shape {expected}, got {tuple(x.shape)}")
-        batch = int(x.shape[0])
+        shape = tuple(int(d) for d in req.input.shape)  # checked before a seeded share expands
+        if len(shape) != len(spec.shape) or shape[1:] != tuple(spec.shape[1:]) or shape[0] < 1:
+            raise ShapeError(f"model {lm.record.name!r} expects input of shape {expected}, got {shape}")
+        batch = shape[0]
         if batch > MAX_BATCH:
             raise ShapeError(f"a request holds at most {MAX_BATCH} rows, got {batch}; split it")
+        x = share_from_proto(req.input, expect_frac_bits=lm.graph.frac_bits)
         # run on a bucketed batch (zero rows appended: public padding) so that a client
         # cycling batch sizes meets few kinds of dealer material
         padded = batch_bucket(batch)
@@ -686,18 +687,18 @@ def _parse_weight_shares(payload: bytes, graph: Graph) -> dict[str, torch.Tensor
         msg.ParseFromString(payload)
     except Exception as exc:
         raise InvalidArgumentError(f"malformed weight shares: {exc}") from exc
-    shares = {t.name: share_from_proto(t.tensor) for t in msg.tensors}
     expected = {k: tuple(v.shape) for k, v in encode_params(_zero_params(graph)).items()}
-    problems = [f"unexpected tensor {k!r}" for k in shares if k not in expected]
+    given = {t.name: tuple(t.tensor.shape) for t in msg.tensors}
+    problems = [f"unexpected tensor {k!r}" for k in given if k not in expected]
     for k, shp in expected.items():
-        got = shares.get(k)
+        got = given.get(k)
         if got is None:
             problems.append(f"missing share of {k}")
-        elif tuple(got.shape) != shp:
-            problems.append(f"share of {k} has shape {tuple(got.shape)}, expected {shp}")
-    if problems:
+        elif got != shp:
+            problems.append(f"share of {k} has shape {got}, expected {shp}")
+    if problems:  # before any decoding: a seeded share would expand to whatever shape it names
         raise InvalidArgumentError("weight shares do not match the graph: " + "; ".join(problems))
-    return shares
+    return {t.name: share_from_proto(t.tensor) for t in msg.tensors}
 
 
 def _zero_params(graph: Graph) -> Graph:

@@ -5,6 +5,9 @@
   or KServe ``raw_input_contents``). Decoding parses network input and trusts nothing:
   the dtype must be known, every dimension non-negative, the element count bounded and
   ``prod(shape) * itemsize == len(data)`` exactly.
+* :func:`seeded_share_to_proto` writes a share as its 32-byte seed
+  (``ENCODING_SEEDED_SHARE``); :func:`share_from_proto` reads either form and expands a
+  seed after checking its length and the shape bound.
 * :func:`pack_ring` / :func:`unpack_ring` are the payload of one protocol round: several
   Z_2^64 tensors (``torch.int64``) concatenated raw, 8 bytes per element, no header —
   both sides know the shapes, so the only check (and the only one needed) is the length.
@@ -26,6 +29,8 @@ import numpy as np
 import torch
 
 from secureinfer.errors import InvalidArgumentError, ProtocolError, ShapeError
+from secureinfer.prg import SEED_BYTES
+from secureinfer.sharing import expand_share
 from secureinfer.v1 import common_pb2
 
 __all__ = [
@@ -34,6 +39,7 @@ __all__ = [
     "dtype_of",
     "numpy_dtype",
     "pack_ring",
+    "seeded_share_to_proto",
     "share_from_proto",
     "split_chunks",
     "tensor_from_proto",
@@ -200,16 +206,33 @@ def tensor_from_proto(
     return arr
 
 
+def seeded_share_to_proto(seed: bytes, shape: Sequence[int], *, frac_bits: int) -> common_pb2.Tensor:
+    """An ``ENCODING_SEEDED_SHARE`` tensor: the share ``expand_share(seed, shape)`` as its seed."""
+    if len(seed) != SEED_BYTES:
+        raise InvalidArgumentError(f"a share seed is {SEED_BYTES} bytes, got {len(seed)}")
+    if not 0 <= frac_bits <= 62:
+        raise InvalidArgumentError(f"frac_bits must be in 0..62, got {frac_bits}")
+    return common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=[int(d) for d in shape], data=bytes(seed),
+                             encoding=common_pb2.ENCODING_SEEDED_SHARE, frac_bits=frac_bits)
+
+
+_SHARE_ENCODINGS = (common_pb2.ENCODING_ADDITIVE_SHARE, common_pb2.ENCODING_SEEDED_SHARE)
+
+
 def share_from_proto(
     msg: common_pb2.Tensor,
     *,
     expect_frac_bits: int | None = None,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
 ) -> torch.Tensor:
-    """Decode an ``ENCODING_ADDITIVE_SHARE`` tensor into a ``torch.int64`` ring tensor.
+    """Decode a share (``ENCODING_ADDITIVE_SHARE`` or ``ENCODING_SEEDED_SHARE``) into a
+    ``torch.int64`` ring tensor.
 
-    uint64 data is reinterpreted bit for bit (same element of Z_2^64). Raises
-    :class:`InvalidArgumentError` on another encoding or a ``frac_bits`` mismatch.
+    uint64 data is reinterpreted bit for bit (same element of Z_2^64); a seeded share is
+    expanded with AES-256-CTR (``sharing.expand_share``) once its seed length and its shape
+    (bounded by ``max_elements``) are checked. Raises :class:`InvalidArgumentError` on
+    another encoding or a ``frac_bits`` mismatch, :class:`ShapeError` on a bad shape,
+    dtype or length.
     """
     if msg.dtype not in (common_pb2.DTYPE_INT64, common_pb2.DTYPE_UINT64):
         raise ShapeError(
@@ -217,10 +240,19 @@ def share_from_proto(
             if msg.dtype in _NP_BY_DTYPE
             else f"unknown or unspecified tensor dtype {msg.dtype}"
         )
+    if msg.encoding not in _SHARE_ENCODINGS:
+        got = common_pb2.Encoding.Name(msg.encoding) if msg.encoding in _ENCODINGS else str(msg.encoding)
+        raise InvalidArgumentError(f"expected ENCODING_ADDITIVE_SHARE or ENCODING_SEEDED_SHARE, got {got}")
     if expect_frac_bits is not None and msg.frac_bits != expect_frac_bits:
         raise InvalidArgumentError(
             f"share has {msg.frac_bits} fractional bits, expected {expect_frac_bits}"
         )
+    if msg.encoding == common_pb2.ENCODING_SEEDED_SHARE:
+        shape = tuple(msg.shape)
+        _check_shape(shape, max_elements, "seeded share")
+        if len(msg.data) != SEED_BYTES:
+            raise ShapeError(f"a seeded share carries a {SEED_BYTES}-byte seed, got {len(msg.data)} bytes")
+        return expand_share(bytes(msg.data), shape)
     arr = tensor_from_proto(
         msg, expect_encoding=common_pb2.ENCODING_ADDITIVE_SHARE, max_elements=max_elements
     )

@@ -23,6 +23,7 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_PLAIN: _ClassVar[Encoding]
     ENCODING_ADDITIVE_SHARE: _ClassVar[Encoding]
     ENCODING_CKKS: _ClassVar[Encoding]
+    ENCODING_SEEDED_SHARE: _ClassVar[Encoding]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT64: DType
@@ -34,6 +35,7 @@ ENCODING_UNSPECIFIED: Encoding
 ENCODING_PLAIN: Encoding
 ENCODING_ADDITIVE_SHARE: Encoding
 ENCODING_CKKS: Encoding
+ENCODING_SEEDED_SHARE: Encoding
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "encoding", "frac_bits")

@@ -86,6 +86,19 @@ def test_wrong_shape_and_dtype_are_invalid_argument(cluster: LocalCluster, digit
             party_pb2_grpc.InferenceStub(ch).Infer(req, timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "INT64" in err.value.details()
+        # seeded shares: a seed of the wrong length, and shapes that would expand 32 bytes
+        # into 2^31 or 2^30 elements (refused on the shape, before anything is expanded)
+        for shape, data, text in (([1, 64], bytes(31), "32-byte seed"),
+                                  ([1 << 25, 64], bytes(32), "at most 4096 rows"), ([1, 1 << 30], bytes(32), "(batch, 64)")):
+            req = party_pb2.InferRequest(
+                model_name="digits", request_id=uuid.uuid4().hex,
+                input=common_pb2.Tensor(dtype=common_pb2.DTYPE_INT64, shape=shape, data=data,
+                                        encoding=common_pb2.ENCODING_SEEDED_SHARE, frac_bits=16),
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                party_pb2_grpc.InferenceStub(ch).Infer(req, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert text in err.value.details()
 
 
 def test_unknown_model_and_redeploy_without_replace(cluster: LocalCluster, digits) -> None:

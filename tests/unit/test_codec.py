@@ -8,9 +8,11 @@ import torch
 
 from secureinfer.errors import InvalidArgumentError, ProtocolError, ShapeError
 from secureinfer.prg import Prg
+from secureinfer.sharing import expand_share, reconstruct, share_seeded
 from secureinfer.transport.codec import (
     Reassembler,
     pack_ring,
+    seeded_share_to_proto,
     share_from_proto,
     split_chunks,
     tensor_from_proto,
@@ -55,6 +57,28 @@ def test_torch_share_round_trip() -> None:
         share_from_proto(msg, expect_frac_bits=20)
     with pytest.raises(InvalidArgumentError, match="ENCODING_ADDITIVE_SHARE"):
         share_from_proto(tensor_to_proto(t))
+
+
+def test_seeded_share_round_trip_and_limits() -> None:
+    x = Prg(b"\x03" * 32).ring((4, 7))
+    first, seeds = share_seeded(x, 3, prg=Prg(b"\x09" * 32))
+    assert len(seeds) == 2 and all(len(s) == 32 for s in seeds) and seeds[0] != seeds[1]
+    msgs = [seeded_share_to_proto(s, x.shape, frac_bits=16) for s in seeds]
+    assert all(m.encoding == common_pb2.ENCODING_SEEDED_SHARE and len(m.SerializeToString()) < 64 for m in msgs)
+    parts = [first, *(share_from_proto(m, expect_frac_bits=16) for m in msgs)]
+    assert torch.equal(parts[1], expand_share(seeds[0], (4, 7)))
+    assert torch.equal(reconstruct(parts), x)
+    assert not torch.equal(parts[1], parts[2])  # independent seeds, independent shares
+    bad = common_pb2.Tensor()
+    bad.CopyFrom(msgs[0])
+    bad.data = bytes(31)
+    with pytest.raises(ShapeError, match="32-byte seed"):
+        share_from_proto(bad)
+    bad.data, bad.shape[:] = bytes(32), [1 << 20, 1 << 20]
+    with pytest.raises(ShapeError, match="elements allowed"):  # never expanded
+        share_from_proto(bad)
+    with pytest.raises(InvalidArgumentError, match="32 bytes"):
+        seeded_share_to_proto(b"short", (2,), frac_bits=16)
 
 
 def test_encode_rejects_unsupported() -> None:
