@@ -38,6 +38,8 @@ Schema (``parties/README.md`` has the same with examples)::
                                     # this many bytes of its sets (at most 32), >= 0
     worker_processes = true         # pools are filled in two spawned worker processes (the deep
                                     # one at pool_nice), not in threads of the dealer process
+    pool_idle_class = true          # the deep worker also runs in Linux's SCHED_IDLE class: it
+                                    # gets only CPU time that requests leave unused
 
     [[party]]                       # at least 2; ids exactly 0..n-1
     id = 0
@@ -136,6 +138,7 @@ ENV_VARS: Mapping[str, tuple[str, str]] = {
     "SECUREINFER_DEALER_MAX_POOL_BYTES": ("dealer", "max_pool_bytes"),
     "SECUREINFER_DEALER_MAX_SET_BYTES": ("dealer", "max_set_bytes"),
     "SECUREINFER_DEALER_WORKER_PROCESSES": ("dealer", "worker_processes"),
+    "SECUREINFER_DEALER_POOL_IDLE_CLASS": ("dealer", "pool_idle_class"),
     "SECUREINFER_HE_ADDRESS": ("he", "address"),
 }
 
@@ -193,6 +196,7 @@ class DealerEntry:
     pool_nice: int = 10
     pool_kind_bytes: int = 256 << 20
     worker_processes: bool = True
+    pool_idle_class: bool = True
     name: str = "dealer"
     role: str = ROLE_DEALER
 
@@ -346,6 +350,7 @@ _DEALER_SPEC: dict[str, tuple[str, object]] = {
     "pool_nice": ("int", 10),
     "pool_kind_bytes": ("int", 256 << 20),
     "worker_processes": ("bool", True),
+    "pool_idle_class": ("bool", True),
 }
 _PARTY_SPEC: dict[str, tuple[str, object]] = {
     "id": ("int", _REQ),

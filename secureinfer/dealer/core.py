@@ -145,7 +145,7 @@ class DealerCore:
         self, *, master_key: bytes, pool_size: int = 4, session_ttl_s: float = 300.0, set_ttl_s: float = 200.0,
         wanted_ttl_s: float = 600.0, max_pool_bytes: int = 2 << 30, max_set_bytes: int = 1 << 30,
         max_wanted_per_model: int = 8, max_generating: int = 2, generate_wait_s: float = 30.0,
-        pool_nice: int = 0, pool_kind_bytes: int = 0, worker_processes: bool = False,
+        pool_nice: int = 0, pool_kind_bytes: int = 0, worker_processes: bool = False, pool_idle_class: bool = False,
     ) -> None:
         if len(master_key) < 32:
             raise ValueError("dealer master key must be 32 bytes")
@@ -165,6 +165,7 @@ class DealerCore:
         if not isinstance(pool_nice, int) or not 0 <= pool_nice <= MAX_NICE:
             raise ValueError(f"pool_nice must be an int in 0..{MAX_NICE}, got {pool_nice!r}")
         self.pool_nice = pool_nice  # added to the deep filler's nice value (sched.lower_thread_priority)
+        self.pool_idle_class = pool_idle_class  # the deep filler's worker process in SCHED_IDLE (Linux)
         self._generating = threading.BoundedSemaphore(max_generating)
         self._lock = threading.Condition()
         self._models: dict[str, _Model] = {}
@@ -609,7 +610,8 @@ class DealerCore:
                 continue
             worker = None
             if self.worker_processes:
-                worker = GenerationWorker(nice=self.pool_nice if deep else 0, name=f"{name}-worker")
+                worker = GenerationWorker(nice=self.pool_nice if deep else 0, idle_class=deep and self.pool_idle_class,
+                                          name=f"{name}-worker")
                 worker.start()
                 self._workers.append(worker)
             t = threading.Thread(target=self._refill_loop, kwargs={"deep": deep, "worker": worker}, name=name,
@@ -678,8 +680,8 @@ class DealerCore:
         self._lock.notify_all()
 
     def _refill_loop(self, *, deep: bool = False, worker: GenerationWorker | None = None) -> None:
-        if deep and worker is None:
-            lower_thread_priority(self.pool_nice)  # generation ahead of demand yields to request paths
+        if deep:  # work ahead of demand yields to request paths: generating, or (with a worker)
+            lower_thread_priority(self.pool_nice)  # receiving and pooling the worker's sets
         while not self._stop.is_set():
             with self._lock:
                 self._expire()

@@ -27,6 +27,7 @@ from secureinfer.dealer.core import DealerCore
 from secureinfer.errors import PermissionDeniedError, SecureInferError
 from secureinfer.log import Logger
 from secureinfer.prg import fresh_seed
+from secureinfer.sched import freeze_heap
 from secureinfer.transport import tls
 from secureinfer.transport.codec import split_chunks
 from secureinfer.v1 import common_pb2, dealer_pb2, dealer_pb2_grpc
@@ -162,7 +163,8 @@ class DealerServer:
                                pool_size=topology.dealer.pool_size, max_pool_bytes=topology.dealer.max_pool_bytes,
                                max_set_bytes=topology.dealer.max_set_bytes, pool_nice=topology.dealer.pool_nice,
                                pool_kind_bytes=topology.dealer.pool_kind_bytes,
-                               worker_processes=topology.dealer.worker_processes)
+                               worker_processes=topology.dealer.worker_processes,
+                               pool_idle_class=topology.dealer.pool_idle_class)
         self._server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="dealer"),
                                    options=tls.server_options(self.settings))
         dealer_pb2_grpc.add_DealerServicer_to_server(_Servicer(self), self._server)
@@ -189,6 +191,7 @@ def serve(topology: Topology) -> None:
     torch.set_num_threads(int(os.environ.get("SECUREINFER_TORCH_THREADS", "1")))
     server = DealerServer(topology)
     server.start()
+    server.log.info("heap_frozen", objects=freeze_heap())  # start-up objects leave later collections
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())

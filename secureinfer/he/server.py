@@ -43,6 +43,7 @@ from secureinfer.he.flooding import output_grid
 from secureinfer.log import Logger
 from secureinfer.transport.tls import abort_with, bind_server, peer_identity, require_role, server_options
 from secureinfer.v1 import common_pb2, he_pb2, he_pb2_grpc
+from secureinfer.sched import freeze_heap
 
 __all__ = ["HEServer", "serve"]
 
@@ -243,6 +244,7 @@ def serve(topology: Topology, *, models: Sequence[HEModel | str | Path], limits:
     port = bind_server(server, address or topology.he.address, settings=settings, cert=topology.he.cert,
                        key=topology.he.key)
     server.start()
+    log.info("heap_frozen", objects=freeze_heap())  # start-up objects leave later collections
     for name in ("", "secureinfer.v1.HEInference"):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving", address=address or topology.he.address, port=port, tls=settings.tls,

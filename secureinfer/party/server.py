@@ -55,6 +55,7 @@ from secureinfer.party.material import MaterialCache, read_chunks
 from secureinfer.party.services import AdminService, InferenceService
 from secureinfer.party.store import ModelRecord, ModelStore, check_name
 from secureinfer.protocols.session import Session
+from secureinfer.sched import freeze_heap, gc_seconds, track_gc
 from secureinfer.transport import tls
 from secureinfer.transport.codec import share_from_proto, tensor_to_proto
 from secureinfer.transport.grpc import GrpcTransport
@@ -432,7 +433,7 @@ class PartyServer:
             raise
 
     def _infer(self, req: party_pb2.InferRequest, deadline: float, *, client: str) -> party_pb2.InferResponse:
-        t0 = time.perf_counter()
+        t0, cpu0, gc0 = time.perf_counter(), time.thread_time(), gc_seconds()
         lm = self.model(req.model_name, req.model_version)
         if not _RID_RE.match(req.request_id):
             raise InvalidArgumentError("request_id must be 1..64 characters of [A-Za-z0-9_-]")
@@ -498,7 +499,9 @@ class PartyServer:
         ))
         self.log.info("infer", request=req.request_id, model=lm.record.name, version=lm.record.version,
                       batch=batch, padded=padded, rounds=c.rounds, bytes_sent=c.bytes_sent,
-                      ms=round(resp.cost.latency_ms, 2))
+                      ms=round(resp.cost.latency_ms, 2), offline_ms=round(c.offline_ms, 2),
+                      cpu_ms=round((time.thread_time() - cpu0) * 1e3, 2),  # this thread only
+                      gc_ms=round((gc_seconds() - gc0) * 1e3, 2))  # the process's collections meanwhile
         return resp
 
     def debit(self, client: str, lm: LoadedModel, request_id: str, rows: int) -> dict[str, str]:
@@ -718,8 +721,10 @@ def serve(topology: Topology, party_id: int) -> None:
     # peer process and the dealer on the same host (measured: 2 threads doubled and
     # destabilized compute times on a 2-core machine)
     torch.set_num_threads(int(os.environ.get("SECUREINFER_TORCH_THREADS", "1")))
+    track_gc()
     server = PartyServer(topology, party_id)
     server.start()
+    server.log.info("heap_frozen", objects=freeze_heap())  # start-up objects leave later collections
     done = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:

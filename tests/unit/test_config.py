@@ -80,6 +80,8 @@ def test_minimal_file_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert t.cluster.rpc_timeout_s == 10.0 and t.dealer.pool_size == 4
     assert t.dealer.worker_processes is True
     assert load_topology(f, environ={"SECUREINFER_DEALER_WORKER_PROCESSES": "0"}).dealer.worker_processes is False
+    assert t.dealer.pool_idle_class is True
+    assert load_topology(f, environ={"SECUREINFER_DEALER_POOL_IDLE_CLASS": "false"}).dealer.pool_idle_class is False
     assert t.he is None
     assert t.identity("alice").role == ROLE_CLIENT
     assert [p.id for p in t.peers(0)] == [1]

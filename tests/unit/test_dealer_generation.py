@@ -93,7 +93,7 @@ def test_a_stopped_worker_ends_its_process_and_refuses_jobs() -> None:
 
 
 def test_dealer_pools_fill_from_worker_processes_and_stop_ends_them() -> None:
-    core = DealerCore(master_key=os.urandom(32), pool_size=2, pool_nice=5, worker_processes=True)
+    core = DealerCore(master_key=os.urandom(32), pool_size=2, pool_nice=5, worker_processes=True, pool_idle_class=True)
     core.start()
     try:
         pids = core.worker_pids()
@@ -101,6 +101,9 @@ def test_dealer_pools_fill_from_worker_processes_and_stop_ends_them() -> None:
         base = os.getpriority(os.PRIO_PROCESS, 0)
         assert os.getpriority(os.PRIO_PROCESS, pids[0]) == base  # first sets: a Bind may wait on them
         assert os.getpriority(os.PRIO_PROCESS, pids[1]) == min(19, base + 5)  # deep filler yields
+        if hasattr(os, "SCHED_IDLE"):  # ... and runs only on otherwise idle CPU (Linux)
+            assert os.sched_getscheduler(pids[1]) == os.SCHED_IDLE
+            assert os.sched_getscheduler(pids[0]) == os.sched_getscheduler(0)
         g = _graph_json()
         for p in range(2):
             core.register("dep", g, party_id=p, n_parties=2)
