@@ -17,7 +17,11 @@ It prints ONE JSON line per case to stdout (logs go to stderr)::
      "rounds", "bytes_online", "bytes_offline", "bytes_client_up", "bytes_client_down",
      "pool_hit_rate_spaced", "pool_hit_rate_back_to_back", "argmax_agreement",
      "max_abs_error", "samples", "plaintext_ms", "relu_range", "latency_ms_first_after_deploy",
-     "first_over_median", "client_connect_ms", "party_threads", "dealer_nice"}
+     "first_over_median", "client_connect_ms", "party_threads", "dealer_nice", "ready_stock_sets"}
+
+Spaced requests each start once the dealer is idle and the parties' ready stock
+(``ready_stock_sets``: prepared sets claimed for binding) is back to its level after the
+warm-up; back-to-back requests start from that stock and do not wait.
 
 Models are deployed with 64 calibration inputs (batches no measured request uses), so
 every ReLU compares on its calibrated range (``secureinfer.graph.ranges``: 8x the largest
@@ -230,18 +234,28 @@ class DealerStats:
         c = self.counters()
         return (c.get("sets_generated", 0), c.get("parts_prefetched", 0), c.get("generating", 0))
 
-    def wait_full(self, target: float, *, timeout: float = 30.0) -> float:
-        """Wait until generation and prefetching have been idle for a moment (pools full)."""
+    def claimed(self) -> int:
+        """Sets every party holds, prepared and confirmed, that the binder claimed and no
+        request bound yet (the parties' ready stock; 0 without dealer counters)."""
+        return self.counters().get("claimed_sets", 0)
+
+    def wait_full(self, target: float, *, stock: int = 0, settle_s: float = 0.3, timeout: float = 30.0) -> float:
+        """Wait until generation and prefetching have been idle for a moment (pools full)
+        and, with ``stock``, until the parties' ready stock is back to that many sets: a
+        party parses and precomputes a prefetched set after the dealer's counters stop
+        moving (a LeNet batch-32 part, 200 MB, takes longer than the idle moment).
+        ``settle_s``: how long nothing must move, the ready stock included."""
         t0 = time.monotonic()
         last, stable_since = None, time.monotonic()
         while time.monotonic() - t0 < timeout:
-            level = self.activity()
+            level = (*self.activity(), self.claimed()) if settle_s > 0.3 else self.activity()
             if not self.available:
                 time.sleep(self.fallback_s)
                 break
             if level != last:
                 last, stable_since = level, time.monotonic()
-            if level[-1] == 0 and time.monotonic() - stable_since > 0.3:
+            idle = level[2 if len(level) > 3 else -1] == 0  # the generating gauge
+            if idle and time.monotonic() - stable_since > settle_s and (not stock or self.claimed() >= stock):
                 break
             time.sleep(0.02)
         else:
@@ -254,6 +268,7 @@ class DealerStats:
 
 def _requests(
     client: Client, name: str, inputs: InputFn, indices: range, *, stats: DealerStats, pool_target: float | None,
+    stock: int = 0,
 ) -> tuple[list[Any], list[np.ndarray], int]:
     """Run one request per index; if ``pool_target`` is set, wait for a full pool before each.
 
@@ -270,7 +285,7 @@ def _requests(
     binds0 = binds()
     for i in indices:
         if pool_target is not None:
-            stats.wait_full(pool_target)
+            stats.wait_full(pool_target, stock=stock)
         outs.append(np.asarray(client.infer(name, inputs(i).numpy())))
         costs.append(client.last_cost)
     hits = len(indices) - (binds() - binds0) if stats.available else -1
@@ -314,9 +329,12 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
                                pool_target=None)
         target = pool_size * pool_keys[0]
         log(f"{name}: {n} spaced requests (pool refilled to {target} sets before each)")
-        spaced, outs, hits_sp = _requests(client, name, inputs, range(n), stats=stats, pool_target=target)
+        stats.wait_full(target, settle_s=2.0)  # every kind's stock complete, the burst stock included
+        stock = stats.claimed()  # the parties' ready stock once everything settled
+        spaced, outs, hits_sp = _requests(client, name, inputs, range(n), stats=stats, pool_target=target,
+                                          stock=stock)
         log(f"{name}: {n} back-to-back requests")
-        stats.wait_full(target)
+        stats.wait_full(target, stock=stock)
         b2b, _, hits_bb = _requests(client, name, inputs, range(20_000, 20_000 + n), stats=stats, pool_target=None)
     # each case on its own: a finished case's pools and cached parts would otherwise hold
     # memory (and the dealer's byte budget) for the next until they expire
@@ -335,6 +353,7 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         "batch": case.batch,
         "n_parties": cluster.topology.n_parties,
         "requests": n,
+        "ready_stock_sets": stock,
         "latency_ms_median": round(med, 2),
         "latency_ms_p90": round(_pct(lat, 90), 2),
         "latency_ms_back_to_back_median": round(statistics.median(lat_bb), 2),
