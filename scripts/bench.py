@@ -229,10 +229,12 @@ class DealerStats:
         return {}
 
     def activity(self) -> tuple[int, ...]:
-        """Counters that move while the dealer generates or parties prefetch, and the
+        """Counters that move while the dealer generates, parties prefetch, and the binder
+        claims sets every party has prepared (parsed, precomputed, confirmed), and the
         ``generating`` gauge (a set in progress moves no counter until it completes)."""
         c = self.counters()
-        return (c.get("sets_generated", 0), c.get("parts_prefetched", 0), c.get("generating", 0))
+        return (c.get("sets_generated", 0), c.get("parts_prefetched", 0), c.get("sets_claimed", 0),
+                c.get("generating", 0))
 
     def claimed(self) -> int:
         """Sets every party holds, prepared and confirmed, that the binder claimed and no

@@ -131,15 +131,41 @@ class PartyBundle:
         self.blobs = dict(blobs or {})
         #: input-independent partial results a party computed ahead of the request
         self.precomputed: dict[str, torch.Tensor] = {}
+        #: seed-expanded shares computed ahead of the request (:meth:`expand_ahead`)
+        self.expanded: dict[str, torch.Tensor] = {}
+        #: when a list, :meth:`share` appends the (name, shape) of every share it had to
+        #: expand on demand: a request's manifest for :meth:`expand_ahead` of later bundles
+        self.expansions: list[tuple[str, tuple[int, ...]]] | None = None
+        #: set by a party once it precomputed the bundle ahead of its request
+        self.prepared = False
 
     def share(self, name: str, shape: Shape) -> torch.Tensor:
-        """This party's share of item ``name``: its correction if it has one, else expanded."""
+        """This party's share of item ``name``: its correction if it has one, else its
+        expansion from the seed (computed ahead by :meth:`expand_ahead`, or now)."""
         t = self.tensors.get(name)
         if t is not None:
             if tuple(t.shape) != tuple(shape):
                 raise ProtocolError(f"dealer item {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
             return t
+        t = self.expanded.pop(name, None)
+        if t is not None and tuple(t.shape) == tuple(shape):
+            return t
+        if self.expansions is not None:
+            self.expansions.append((name, tuple(shape)))
         return _expand(self.seed, name, shape)
+
+    def expand_ahead(self, items: Sequence[tuple[str, tuple[int, ...]]], *,
+                     pause: Callable[[], None] | None = None) -> None:
+        """Expand the seed-derived shares ``items`` now (a party's prefetch thread), so the
+        request that uses this bundle does not: one AES-CTR stream per item, 8 bytes of
+        memory per element (:attr:`memory_bytes`). Items with a correction are skipped;
+        the result is the same tensor :meth:`share` would expand. ``pause`` is called
+        before each item (see :func:`~secureinfer.engine.runner.precompute`)."""
+        for name, shape in items:
+            if name not in self.tensors and name not in self.expanded:
+                if pause is not None:
+                    pause()
+                self.expanded[name] = _expand(self.seed, name, shape)
 
     def blob(self, name: str) -> bytes:
         try:
@@ -149,9 +175,15 @@ class PartyBundle:
 
     @property
     def nbytes(self) -> int:
+        """The bundle's material as the dealer sent it (seed, corrections, blobs)."""
         return len(self.seed) + sum(8 * t.numel() for t in self.tensors.values()) + sum(
             len(b) for b in self.blobs.values()
         )
+
+    @property
+    def memory_bytes(self) -> int:
+        """What holding the bundle costs: :attr:`nbytes` plus shares expanded ahead."""
+        return self.nbytes + sum(8 * t.numel() for t in self.expanded.values())
 
 
 # --------------------------------------------------------------------------- generators

@@ -8,6 +8,8 @@ registry. :func:`open_masks` is the one deployment-time round that opens every `
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from secureinfer.dealer.material import PartyBundle
@@ -91,10 +93,16 @@ def run_plan(session: Session, plan: Plan, model: PartyModel, bundle: PartyBundl
     return {k: env[v] for k, v in plan.outputs.items()}
 
 
-def precompute(plan: Plan, model: PartyModel, bundle: PartyBundle) -> None:
-    """Ahead of a request: every input-independent partial result the plan allows."""
+def precompute(plan: Plan, model: PartyModel, bundle: PartyBundle, *,
+               pause: Callable[[], None] | None = None) -> None:
+    """Ahead of a request: every input-independent partial result the plan allows.
+
+    ``pause`` is called before each step's work (a party's background thread passes one
+    that waits while a request is in flight, so precomputation yields to requests)."""
     for s in plan.steps:
         op = OPS[s.node.op]
         pre = getattr(op, "precompute", None)
         if pre is not None and s.node.name in model.fixed:
+            if pause is not None:
+                pause()
             pre(bundle, s.name, s.node, s.ins, s.out, model.fixed[s.node.name])

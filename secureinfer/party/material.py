@@ -150,6 +150,19 @@ class MaterialCache:
                     self._released = True  # start the held-back prefetch now, even if a request follows at once
                 self._cond.notify_all()
 
+    def yield_to_requests(self, key: Key) -> None:
+        """Background preparation of a part of ``key``: wait while a request is in flight
+        (at most ``max_defer_s``), unless ``key`` has no other set cached (a request may be
+        waiting for this one). Called between the steps of the prepare hook."""
+        with self._cond:
+            deadline = time.monotonic() + self.max_defer_s
+            while self._serving and not self._stop.is_set():
+                e = self._entries.get(key)
+                left = deadline - time.monotonic()
+                if e is None or not e.sets or left <= 0:
+                    return
+                self._cond.wait(timeout=left)
+
     def want(self, key: Key, *, request: bool = False) -> None:
         """Keep ``key`` prefetched; ``request``: a request of it came (it may then be
         cached deeper than ``depth``, :meth:`kind_depth`), not only a pre-warm."""
@@ -246,7 +259,7 @@ class MaterialCache:
             return sum(len(e.sets) for e in self._entries.values())
 
     def _cached_bytes(self) -> int:
-        return sum(b.nbytes for e in self._entries.values() for b, _ in e.sets.values())
+        return sum(b.memory_bytes for e in self._entries.values() for b, _ in e.sets.values())
 
     # ------------------------------------------------------------------ background
     def _next(self) -> Key | None:
@@ -375,7 +388,7 @@ class MaterialCache:
                     e.inflight = False
                     if got is not None:
                         e.sets[got[0]] = (bundle, time.monotonic())
-                        e.part_bytes, e.landed = bundle.nbytes, time.monotonic()
+                        e.part_bytes, e.landed = bundle.memory_bytes, time.monotonic()
                 held = list(e.sets) if e is not None and got is not None else []
                 self._cond.notify_all()
             if held:  # tell the dealer at once, so the set can be bound

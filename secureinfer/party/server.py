@@ -84,6 +84,10 @@ class LoadedModel:
     model: PartyModel
     dp: DpPolicy | None = None
     plans: dict[tuple[int, str], Plan] = field(default_factory=dict)
+    #: per (batch, purpose): the seed-derived shares a request expands (learned from the
+    #: first request of the kind whose bundle was prepared ahead); later bundles of the
+    #: kind are expanded in the prefetch thread
+    expansions: dict[tuple[int, str], list[tuple[str, tuple[int, ...]]]] = field(default_factory=dict)
 
     def plan(self, batch: int, purpose: str, n_parties: int) -> Plan:
         key = (batch, purpose)
@@ -286,7 +290,14 @@ class PartyServer:
         with self._lock:
             lm = self._by_deployment.get(key[0])
         if lm is not None:
-            precompute(lm.plan(key[1], key[2], self.n), lm.model, bundle)
+            def pause() -> None:  # between steps: a request in flight goes first
+                self.cache.yield_to_requests(key)
+
+            precompute(lm.plan(key[1], key[2], self.n), lm.model, bundle, pause=pause)
+            bundle.prepared = True
+            manifest = lm.expansions.get((key[1], key[2]))
+            if manifest:
+                bundle.expand_ahead(manifest, pause=pause)
 
     def model(self, name: str, version: str = "") -> LoadedModel:
         with self._lock:
@@ -476,7 +487,12 @@ class PartyServer:
             session.costs.offline_ms = (time.perf_counter() - t_off) * 1e3
             session.costs.bytes_offline = bundle.nbytes
             plan = lm.plan(padded, purpose, self.n)
+            learn = bundle.prepared and (padded, purpose) not in lm.expansions
+            if learn:
+                bundle.expansions = []
             outs = {k: v[:batch] for k, v in run_plan(session, plan, lm.model, bundle, x).items()}
+            if learn and bundle.expansions is not None:
+                lm.expansions[(padded, purpose)] = bundle.expansions
             if lm.dp is not None:
                 outs["logits"] = outs["logits"] + lm.dp.noise_share(tuple(outs["logits"].shape))
         except BaseException as exc:

@@ -87,3 +87,26 @@ def test_writer_refuses_what_the_reader_would() -> None:
         bundle_to_bytes(PartyBundle(0, b"short", {}, {}))
     with pytest.raises(ProtocolError):
         bundle_to_bytes(PartyBundle(0, b"s" * 32, {"f": torch.ones(2)}, {}))
+
+
+def test_shares_expanded_ahead_equal_those_expanded_on_demand() -> None:
+    import torch
+
+    from secureinfer.dealer.material import BundleBuilder
+
+    b = BundleBuilder(2)
+    b.random("r", (3, 4))
+    b.shared("c", torch.arange(6, dtype=torch.int64).reshape(2, 3))
+    p0, p1 = b.party_bundle(0), b.party_bundle(1)
+    on_demand = {n: p1.share(n, s) for n, s in (("r", (3, 4)), ("c", (2, 3)))}
+    ahead = b.party_bundle(1)
+    ahead.expand_ahead([("r", (3, 4)), ("c", (2, 3))])
+    assert ahead.memory_bytes == ahead.nbytes + 8 * (12 + (0 if "c" in ahead.tensors else 6))
+    for n, s in (("r", (3, 4)), ("c", (2, 3))):
+        assert torch.equal(ahead.share(n, s), on_demand[n])
+    assert not ahead.expanded  # each expanded share is handed out once
+    rec = b.party_bundle(0)
+    rec.expansions = []
+    rec.share("r", (3, 4))
+    rec.share("c", (2, 3))  # party 0 holds c's correction: not an expansion
+    assert rec.expansions == [("r", (3, 4))] and torch.equal(rec.share("c", (2, 3)), p0.share("c", (2, 3)))

@@ -141,3 +141,48 @@ def test_binder_waits_for_a_set_on_its_way_instead_of_binding_another() -> None:
     e.landed = time.monotonic() - 10.0
     t0 = time.monotonic()
     assert cache.take_claimed(KEY, wait_s=5.0) is None and time.monotonic() - t0 < 0.1
+
+
+def test_preparation_yields_to_a_request_unless_the_kind_is_empty() -> None:
+    import threading
+
+    cache = _holding_one(max_defer_s=5.0)
+    t0 = time.monotonic()
+    cache.yield_to_requests(KEY)  # idle: no wait
+    assert time.monotonic() - t0 < 0.05
+    ended = threading.Event()
+    with cache.serving():
+        def end_soon() -> None:
+            time.sleep(0.15)
+            ended.set()
+
+        threading.Thread(target=end_soon).start()
+        empty = ("d", 32, "logits")
+        cache.want(empty)
+        t0 = time.monotonic()
+        cache.yield_to_requests(empty)  # no set of that kind: a request may wait for this one
+        assert time.monotonic() - t0 < 0.05
+        ended.wait()
+    # the request above ended before this thread waited: a fresh request in flight holds it
+    done = []
+
+    def prepare() -> None:
+        cache.yield_to_requests(KEY)
+        done.append(time.monotonic())
+
+    with cache.serving():
+        t = threading.Thread(target=prepare)
+        t0 = time.monotonic()
+        t.start()
+        time.sleep(0.2)
+        assert not done  # held while the request runs
+    t.join(timeout=2)
+    assert done and done[0] - t0 >= 0.2
+
+
+def test_preparation_waits_at_most_max_defer_s() -> None:
+    cache = _holding_one(max_defer_s=0.1)
+    with cache.serving():
+        t0 = time.monotonic()
+        cache.yield_to_requests(KEY)
+        assert 0.09 <= time.monotonic() - t0 < 1.0
