@@ -248,13 +248,14 @@ class DealerStats:
         t0 = time.monotonic()
         last, stable_since = None, time.monotonic()
         while time.monotonic() - t0 < timeout:
-            level = (*self.activity(), self.claimed()) if settle_s > 0.3 else self.activity()
+            act = self.activity()
+            level = (*act, self.claimed()) if settle_s > 0.3 else act
             if not self.available:
                 time.sleep(self.fallback_s)
                 break
             if level != last:
                 last, stable_since = level, time.monotonic()
-            idle = level[2 if len(level) > 3 else -1] == 0  # the generating gauge
+            idle = act[-1] == 0  # the generating gauge
             if idle and time.monotonic() - stable_since > settle_s and (not stock or self.claimed() >= stock):
                 break
             time.sleep(0.02)
