@@ -29,6 +29,18 @@ SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)  # one key per stream, so a fixed initial counter is safe
 
 
+_zero_block = [bytes(1 << 20)]
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero bytes (a view of one shared, immutable buffer, grown on demand)."""
+    buf = _zero_block[0]
+    if len(buf) < n:
+        buf = bytes(max(n, 2 * len(buf)))
+        _zero_block[0] = buf
+    return memoryview(buf)[:n]
+
+
 def fresh_seed() -> bytes:
     """A new 32-byte seed from the operating system's CSPRNG."""
     return os.urandom(SEED_BYTES)
@@ -79,10 +91,15 @@ class Prg:
         return self._enc.update(bytes(n))
 
     def uint64(self, shape: tuple[int, ...] | list[int] | int) -> np.ndarray:
-        """Uniform elements of Z_2^64 as a ``numpy.uint64`` array."""
+        """Uniform elements of Z_2^64 as a ``numpy.uint64`` array (the next ``8 * size``
+        bytes of the stream, little-endian; written straight into the array's memory)."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        n = int(np.prod(shape, dtype=np.int64))
-        return np.frombuffer(self.bytes(8 * n), dtype="<u8").reshape(shape).copy()
+        n = 8 * int(np.prod(shape, dtype=np.int64))
+        if n == 0:
+            return np.empty(shape, dtype=np.uint64)
+        out = np.empty(n + 16, dtype=np.uint8)  # update_into wants room for a block more
+        self._enc.update_into(_zeros(n), out)
+        return out[:n].view("<u8").reshape(shape)
 
     def ring(
         self, shape: tuple[int, ...] | list[int] | torch.Size | int, *, device: str | torch.device = "cpu"
