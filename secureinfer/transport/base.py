@@ -64,6 +64,11 @@ class Transport(ABC):
     def close(self) -> None:
         """Release sockets and threads. The default does nothing."""
 
+    def connect_peers(self, *, timeout: float) -> list[int]:
+        """Open the connections to every peer now rather than at the first message (best
+        effort); returns the peers not reached. The default has nothing to open."""
+        return []
+
     def exchange(
         self, session_id: str, step: int, payloads: Mapping[int, bytes], *, timeout: float
     ) -> dict[int, bytes]:

@@ -194,6 +194,21 @@ def test_send_to_port_nobody_listens_on() -> None:
         t.close()
 
 
+def test_connect_peers_opens_the_streams_ahead_and_reports_the_unreached(make_cluster: Callable[..., Cluster]) -> None:
+    c = make_cluster(3)
+    t0 = c.transports[0]
+    assert all(o.sock is None for o in t0._out.values())  # lazily dialled by default
+    assert t0.connect_peers(timeout=5) == []
+    socks = {p: o.sock for p, o in t0._out.items()}
+    assert all(s is not None for s in socks.values())
+    assert t0.connect_peers(timeout=5) == [] and {p: o.sock for p, o in t0._out.items()} == socks  # kept
+    t0.send("s", 0, 2, b"hello", timeout=5)  # the first message uses the open stream
+    assert c.transports[2].recv("s", 0, 0, timeout=5) == b"hello" and t0._out[2].sock is socks[2]
+    c.transports[1].close()
+    time.sleep(0.2)
+    assert t0.connect_peers(timeout=2) == [1]  # the stale stream is dropped, the redial fails
+
+
 def test_send_to_stuck_peer_hits_deadline() -> None:
     lsock = socket.create_server(("127.0.0.1", 0))
     port = lsock.getsockname()[1]
