@@ -29,16 +29,7 @@ SEED_BYTES = 32
 _ZERO_NONCE = bytes(16)  # one key per stream, so a fixed initial counter is safe
 
 
-_zero_block = [bytes(1 << 20)]
-
-
-def _zeros(n: int) -> memoryview:
-    """``n`` zero bytes (a view of one shared, immutable buffer, grown on demand)."""
-    buf = _zero_block[0]
-    if len(buf) < n:
-        buf = bytes(max(n, 2 * len(buf)))
-        _zero_block[0] = buf
-    return memoryview(buf)[:n]
+_ZERO_CHUNK = bytes(1 << 20)  # keystream = AES-CTR over zeros, written a MiB at a time
 
 
 def fresh_seed() -> bytes:
@@ -98,7 +89,10 @@ class Prg:
         if n == 0:
             return np.empty(shape, dtype=np.uint64)
         out = np.empty(n + 16, dtype=np.uint8)  # update_into wants room for a block more
-        self._enc.update_into(_zeros(n), out)
+        zeros, step = memoryview(_ZERO_CHUNK), len(_ZERO_CHUNK)
+        for off in range(0, n, step):  # a fixed zero buffer, however large the draw
+            m = min(step, n - off)
+            self._enc.update_into(zeros[:m], out[off:off + m + 16])
         return out[:n].view("<u8").reshape(shape)
 
     def ring(

@@ -14,8 +14,8 @@ burst of back-to-back requests, while a kind with sets of hundreds of MB keeps t
 count it is configured with.
 
 The cyclic garbage collector is the third: a full collection walks every tracked object
-of the process, and a server that has imported torch, grpc and protobuf holds about a
-million (measured 50-100 ms per full collection on the 2-core bench host), landing inside
+of the process, and a server that has imported torch, grpc and protobuf holds ~180k at
+start (full collections measured at 11-99 ms in such a process on the 2-core bench host), landing inside
 whichever request allocates at that moment. :func:`freeze_heap` (``gc.freeze`` after one
 collection, once a server has started) takes the start-up objects out of every later
 collection; :func:`gc_seconds` (after :func:`track_gc`) lets a server report how much of
