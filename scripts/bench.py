@@ -17,11 +17,13 @@ It prints ONE JSON line per case to stdout (logs go to stderr)::
      "rounds", "bytes_online", "bytes_offline", "bytes_client_up", "bytes_client_down",
      "pool_hit_rate_spaced", "pool_hit_rate_back_to_back", "argmax_agreement",
      "max_abs_error", "samples", "plaintext_ms", "relu_range", "latency_ms_first_after_deploy",
-     "first_over_median", "client_connect_ms", "party_threads", "dealer_nice", "ready_stock_sets"}
+     "first_over_median", "client_connect_ms", "party_threads", "dealer_nice", "pooled_sets",
+     "deploy_ms", "back_to_back_requests"}
 
-Spaced requests each start once the dealer is idle and the parties' ready stock
-(``ready_stock_sets``: prepared sets claimed for binding) is back to its level after the
-warm-up; back-to-back requests start from that stock and do not wait.
+Spaced requests each start once the dealer is idle and its pools are back to their level
+after the warm-up (``pooled_sets``, none of them handed to a party and not yet claimed: a
+party that took one still transfers, parses or prepares it); back-to-back requests start
+from there and do not wait.
 
 Models are deployed with 64 calibration inputs (batches no measured request uses), so
 every ReLU compares on its calibrated range (``secureinfer.graph.ranges``: 8x the largest
@@ -154,7 +156,7 @@ CASES: dict[str, Case] = {
         description="LeNet-style CNN 28x28, batch 1",
     ),
     "lenet32": Case(
-        batch=32, build=build_lenet, measured=4, warmup=1,
+        batch=32, build=build_lenet, measured=10, warmup=1,
         description="LeNet-style CNN 28x28, batch 32",
     ),
     "resnet1": Case(
@@ -236,34 +238,42 @@ class DealerStats:
         return (c.get("sets_generated", 0), c.get("parts_prefetched", 0), c.get("sets_claimed", 0),
                 c.get("generating", 0))
 
-    def claimed(self) -> int:
-        """Sets every party holds, prepared and confirmed, that the binder claimed and no
-        request bound yet (the parties' ready stock; 0 without dealer counters)."""
-        return self.counters().get("claimed_sets", 0)
+    def stock(self) -> tuple[int, int]:
+        """(pooled sets, pooled sets a party was handed a part of): the second is a set a
+        party is still transferring, parsing or preparing; once it has it prepared and
+        confirmed, the binder claims it and the dealer generates its replacement."""
+        c = self.counters()
+        return c.get("pooled_sets", 0), c.get("pooled_delivered", 0)
 
-    def wait_full(self, target: float, *, stock: int = 0, settle_s: float = 0.3, timeout: float = 30.0) -> float:
+    def wait_full(self, target: float, *, stock: tuple[int, int] | None = None, settle_s: float = 0.3,
+                  timeout: float = 30.0) -> float:
         """Wait until generation and prefetching have been idle for a moment (pools full)
-        and, with ``stock``, until the parties' ready stock is back to that many sets: a
-        party parses and precomputes a prefetched set after the dealer's counters stop
-        moving (a LeNet batch-32 part, 200 MB, takes longer than the idle moment).
-        ``settle_s``: how long nothing must move, the ready stock included."""
+        and, with ``stock`` (:meth:`stock` at rest), until the pools hold that many sets
+        again with no more of them in a party's hands: a party parses and precomputes a
+        prefetched set after the dealer's counters stop moving (a LeNet batch-32 part,
+        200 MB, takes longer than the idle moment). ``settle_s``: how long nothing must
+        move, the stock included."""
         t0 = time.monotonic()
         last, stable_since = None, time.monotonic()
         while time.monotonic() - t0 < timeout:
             act = self.activity()
-            level = (*act, self.claimed()) if settle_s > 0.3 else act
+            level = (*act, *self.stock()) if settle_s > 0.3 else act
             if not self.available:
                 time.sleep(self.fallback_s)
                 break
             if level != last:
                 last, stable_since = level, time.monotonic()
             idle = act[-1] == 0  # the generating gauge
-            if idle and time.monotonic() - stable_since > settle_s and (not stock or self.claimed() >= stock):
+            if idle and time.monotonic() - stable_since > settle_s and (stock is None or self._restocked(stock)):
                 break
             time.sleep(0.02)
         else:
             log(f"dealer/party pools still busy after {timeout:.0f}s")
         return time.monotonic() - t0
+
+    def _restocked(self, stock: tuple[int, int]) -> bool:
+        pooled, delivered = self.stock()
+        return pooled >= stock[0] and delivered <= stock[1]
 
     def close(self) -> None:
         self._channel.close()
@@ -271,7 +281,7 @@ class DealerStats:
 
 def _requests(
     client: Client, name: str, inputs: InputFn, indices: range, *, stats: DealerStats, pool_target: float | None,
-    stock: int = 0,
+    stock: tuple[int, int] | None = None,
 ) -> tuple[list[Any], list[np.ndarray], int]:
     """Run one request per index; if ``pool_target`` is set, wait for a full pool before each.
 
@@ -325,7 +335,9 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         t0 = time.perf_counter()
         client.connect()
         connect_ms = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()  # until every party holds material and the dealer's pools are full
         deploy(model, inputs(0), name=name, config=cluster.config_path, **deploy_options(case, inputs, calibrate=calibrate))
+        deploy_ms = (time.perf_counter() - t0) * 1e3
         pool_keys[0] += 1 if case.batch == 1 else 2
         log(f"{name}: {case.warmup} warm-up request(s)")
         warm, _, _ = _requests(client, name, inputs, range(10_000, 10_000 + case.warmup), stats=stats,
@@ -333,7 +345,7 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         target = pool_size * pool_keys[0]
         log(f"{name}: {n} spaced requests (pool refilled to {target} sets before each)")
         stats.wait_full(target, settle_s=2.0)  # every kind's stock complete, the burst stock included
-        stock = stats.claimed()  # the parties' ready stock once everything settled
+        stock = stats.stock()  # the pools once everything settled
         spaced, outs, hits_sp = _requests(client, name, inputs, range(n), stats=stats, pool_target=target,
                                           stock=stock)
         log(f"{name}: {n} back-to-back requests")
@@ -356,7 +368,7 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         "batch": case.batch,
         "n_parties": cluster.topology.n_parties,
         "requests": n,
-        "ready_stock_sets": stock,
+        "pooled_sets": stock[0],
         "latency_ms_median": round(med, 2),
         "latency_ms_p90": round(_pct(lat, 90), 2),
         "latency_ms_back_to_back_median": round(statistics.median(lat_bb), 2),
@@ -365,6 +377,7 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         "latency_ms_first_after_deploy": round(warm[0].latency_ms, 2) if warm else None,
         "first_over_median": round(warm[0].latency_ms / med, 2) if warm else None,
         "client_connect_ms": round(connect_ms, 2),
+        "deploy_ms": round(deploy_ms, 1),
         "party_ms_median": round(statistics.median(max(c.party_latency_ms) for c in spaced), 2),
         "rounds": c0.rounds,
         "bytes_online": c0.bytes_online,

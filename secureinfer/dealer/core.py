@@ -46,7 +46,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -384,12 +384,16 @@ class DealerCore:
 
     def stats(self) -> dict[str, int]:
         """Monotonic counters plus gauges: ``generating`` (sets being generated now),
-        ``pooled_sets`` and ``pooled_bytes`` (unbound material held), ``claimed_sets``."""
+        ``pooled_sets`` and ``pooled_bytes`` (unbound material held), ``pooled_delivered``
+        (pooled sets some party was handed a part of: on their way to being claimed),
+        ``claimed_sets`` (claimed within the session TTL: the binder uses them without
+        telling the dealer, so this is not the parties' ready stock)."""
         with self._lock:
             return {
                 **self.counters,
                 "generating": self._in_generation,
                 "pooled_sets": sum(len(pool) for pool in self._pools.values()),
+                "pooled_delivered": sum(1 for pool in self._pools.values() for st in pool.values() if st.delivered),
                 "pooled_bytes": self._pooled_bytes(),
                 "claimed_sets": len(self._claimed),
             }
@@ -633,7 +637,21 @@ class DealerCore:
             t.join(timeout=10)
 
     def _next_job(self, *, deep: bool = False) -> tuple[_Model, str, int, str, int] | None:
-        """The next pool to top up, most recently wanted first, within the global byte budget.
+        """The next pool to top up (lock held), or None: the first of :meth:`_jobs`."""
+        return next(self._jobs(deep=deep), None)
+
+    def pool_pending(self, deployment_id: str) -> int:
+        """Sets of ``deployment_id`` the pool fillers are generating, plus its kinds that
+        either filler would top up next (0: its pools are as full as depths and byte
+        budgets allow). A party waits for 0 after a deploy (``PartyServer._await_prewarm``),
+        so the deep fill does not run beside the first request."""
+        with self._lock:
+            busy = sum(n for (dep, _, _), n in self._filling.items() if dep == deployment_id)
+            more = {(b, p) for deep in (False, True) for _, dep, b, p, _ in self._jobs(deep=deep) if dep == deployment_id}
+            return busy + len(more)
+
+    def _jobs(self, *, deep: bool = False) -> Iterator[tuple[_Model, str, int, str, int]]:
+        """The pools to top up, most recently wanted first, within the global byte budget.
 
         A pool's level counts its sets and those being generated for it. Every pool gets
         a first set (``deep`` False) before any gets a second (``deep``: levels 1 up to
@@ -641,7 +659,8 @@ class DealerCore:
         sets that the parties cache deeper (:meth:`kind_depth`).
         No set is generated that would take the pooled bytes (counting the sets being
         generated) over ``max_pool_bytes``.
-        Returns the kind and its estimated set size.
+        Yields each kind (a kind more than once, one per missing level) with its
+        estimated set size.
         """
         now = time.monotonic()
         free = self.max_pool_bytes - self._pooled_bytes() - self._filling_bytes
@@ -657,8 +676,7 @@ class DealerCore:
                 key = (dep, batch, purpose)
                 level = len(self._pools.get(key, {})) + self._filling.get(key, 0)
                 if level < depth and (not deep or level >= 1):
-                    return m, dep, batch, purpose, size
-        return None
+                    yield m, dep, batch, purpose, size
 
     def kind_depth(self, m: _Model, batch: int, purpose: str, size: int | None) -> int:
         """Sets to pool of one kind: ``pool_size``, or up to the parties' cache depth for

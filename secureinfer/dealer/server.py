@@ -149,7 +149,10 @@ class _Servicer(dealer_pb2_grpc.DealerServicer):
     def Stats(self, req: Any, ctx: grpc.ServicerContext) -> Any:
         def run() -> dealer_pb2.StatsResponse:
             tls.require_role(ctx, ROLE_PARTY, ROLE_OWNER, insecure_metadata=not self.s.settings.tls)
-            return dealer_pb2.StatsResponse(counters=self.s.core.stats())
+            counters = self.s.core.stats()
+            if req.deployment_id:
+                counters["deployment_pending"] = self.s.core.pool_pending(req.deployment_id)
+            return dealer_pb2.StatsResponse(counters=counters)
 
         return self._guard(ctx, "stats", run)
 

@@ -20,7 +20,11 @@ would otherwise run beside the request that just took a set. The held-back prefe
 starts as soon as no request is in flight (even if the next one begins before this thread
 wakes: back-to-back requests must not postpone it until the kind runs dry), at once for a
 kind with no set left, and ``max_defer_s`` after it was first held back at the latest
-(concurrent clients that never leave the party idle).
+(concurrent clients that never leave the party idle). Nothing is held back while a request
+waits for its material (:meth:`awaiting`): it may be waiting for that very set -- at the
+binder for a claim, which needs every peer to have fetched and prepared its part, at a
+peer for the binder's choice (measured before this rule: a LeNet batch-32 request waited
+15 s while a peer's preparation yielded to it, step by step).
 
 Cached parts that were never bound are dropped after ``ttl_s`` (the dealer stops binding
 them sooner, see ``DealerCore.set_ttl_s``). Memory is bounded: at most ``max_keys`` kinds
@@ -99,6 +103,7 @@ class MaterialCache:
         self.party_id = party_id
         self.max_defer_s = max_defer_s
         self._serving = 0  # requests in flight (serving())
+        self._awaiting = 0  # ... of those, requests waiting for their material (awaiting())
         self._deferred_since: float | None = None  # when a non-urgent prefetch was first held back
         self._released = False  # the request it waited for ended: start it even if another began
         self._last_end = 0.0  # when the last request in flight ended (monotonic)
@@ -150,13 +155,32 @@ class MaterialCache:
                     self._released = True  # start the held-back prefetch now, even if a request follows at once
                 self._cond.notify_all()
 
+    @contextmanager
+    def awaiting(self) -> Iterator[None]:
+        """Mark a request (inside :meth:`serving`) as waiting for its material: until it
+        ends, nothing in the background yields to requests."""
+        with self._cond:
+            self._awaiting += 1
+            self._cond.notify_all()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._awaiting -= 1
+
+    def _yielding(self) -> bool:
+        """Whether background work should give way now (lock held): a request is in
+        flight and none waits for material."""
+        return bool(self._serving) and not self._awaiting
+
     def yield_to_requests(self, key: Key) -> None:
         """Background preparation of a part of ``key``: wait while a request is in flight
-        (at most ``max_defer_s``), unless ``key`` has no other set cached (a request may be
-        waiting for this one). Called between the steps of the prepare hook."""
+        (at most ``max_defer_s``), unless ``key`` has no other set cached or a request
+        waits for material (it may be waiting for this one). Called between the steps of
+        the prepare hook."""
         with self._cond:
             deadline = time.monotonic() + self.max_defer_s
-            while self._serving and not self._stop.is_set():
+            while self._yielding() and not self._stop.is_set():
                 e = self._entries.get(key)
                 left = deadline - time.monotonic()
                 if e is None or not e.sets or left <= 0:
@@ -291,7 +315,7 @@ class MaterialCache:
 
     def _defer(self, now: float) -> bool:
         """Whether to hold back a non-urgent prefetch for a request in flight (lock held)."""
-        if not self._serving or self._released:
+        if not self._yielding() or self._released:
             return False
         if self._deferred_since is None:
             self._deferred_since = now

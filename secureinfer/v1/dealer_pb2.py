@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from secureinfer.v1 import common_pb2 as secureinfer_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecureinfer/v1/dealer.proto\x12\x0esecureinfer.v1\x1a\x1bsecureinfer/v1/common.proto\"p\n\x14RegisterModelRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\r\n\x05graph\x18\x02 \x01(\x0c\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\x11\n\tn_parties\x18\x04 \x01(\r\x12\r\n\x05nonce\x18\x05 \x01(\x0c\"P\n\x15RegisterModelResponse\x12\x14\n\x0cgraph_sha256\x18\x01 \x01(\x0c\x12\x12\n\nmodel_seed\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"k\n\x0c\x46\x65tchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"W\n\rMaterialChunk\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06set_id\x18\x04 \x01(\t\"\xe6\x01\n\x06\x42undle\x12\x34\n\x07tensors\x18\x01 \x03(\x0b\x32#.secureinfer.v1.Bundle.TensorsEntry\x12\x30\n\x05\x62lobs\x18\x02 \x03(\x0b\x32!.secureinfer.v1.Bundle.BlobsEntry\x1a\x46\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.secureinfer.v1.Tensor:\x02\x38\x01\x1a,\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x0eReleaseRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"\x0e\n\x0cStatsRequest\"\x7f\n\rStatsResponse\x12=\n\x08\x63ounters\x18\x01 \x03(\x0b\x32+.secureinfer.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x8d\x01\n\x0fPrefetchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08party_id\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x0c\n\x04held\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfirm_only\x18\x06 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\r\"j\n\x0b\x42indRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"\x1e\n\x0c\x42indResponse\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"i\n\x0c\x43laimRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08party_id\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x10\n\x08max_sets\x18\x05 \x01(\r\"2\n\rClaimResponse\x12\x0f\n\x07set_ids\x18\x01 \x03(\t\x12\x10\n\x08void_ids\x18\x02 \x03(\t\"!\n\rForgetRequest\x12\x10\n\x08party_id\x18\x01 \x01(\r\"!\n\x0e\x46orgetResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r2\xb5\x05\n\x06\x44\x65\x61ler\x12S\n\nServerLive\x12!.secureinfer.v1.ServerLiveRequest\x1a\".secureinfer.v1.ServerLiveResponse\x12\\\n\rRegisterModel\x12$.secureinfer.v1.RegisterModelRequest\x1a%.secureinfer.v1.RegisterModelResponse\x12\x46\n\x05\x46\x65tch\x12\x1c.secureinfer.v1.FetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12L\n\x08Prefetch\x12\x1f.secureinfer.v1.PrefetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12\x41\n\x04\x42ind\x12\x1b.secureinfer.v1.BindRequest\x1a\x1c.secureinfer.v1.BindResponse\x12\x44\n\x05\x43laim\x12\x1c.secureinfer.v1.ClaimRequest\x1a\x1d.secureinfer.v1.ClaimResponse\x12J\n\x07Release\x12\x1e.secureinfer.v1.ReleaseRequest\x1a\x1f.secureinfer.v1.ReleaseResponse\x12G\n\x06\x46orget\x12\x1d.secureinfer.v1.ForgetRequest\x1a\x1e.secureinfer.v1.ForgetResponse\x12\x44\n\x05Stats\x12\x1c.secureinfer.v1.StatsRequest\x1a\x1d.secureinfer.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsecureinfer/v1/dealer.proto\x12\x0esecureinfer.v1\x1a\x1bsecureinfer/v1/common.proto\"p\n\x14RegisterModelRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\r\n\x05graph\x18\x02 \x01(\x0c\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\x11\n\tn_parties\x18\x04 \x01(\r\x12\r\n\x05nonce\x18\x05 \x01(\x0c\"P\n\x15RegisterModelResponse\x12\x14\n\x0cgraph_sha256\x18\x01 \x01(\x0c\x12\x12\n\nmodel_seed\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\"k\n\x0c\x46\x65tchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"W\n\rMaterialChunk\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06set_id\x18\x04 \x01(\t\"\xe6\x01\n\x06\x42undle\x12\x34\n\x07tensors\x18\x01 \x03(\x0b\x32#.secureinfer.v1.Bundle.TensorsEntry\x12\x30\n\x05\x62lobs\x18\x02 \x03(\x0b\x32!.secureinfer.v1.Bundle.BlobsEntry\x1a\x46\n\x0cTensorsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12%\n\x05value\x18\x02 \x01(\x0b\x32\x16.secureinfer.v1.Tensor:\x02\x38\x01\x1a,\n\nBlobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"\'\n\x0eReleaseRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\x11\n\x0fReleaseResponse\"%\n\x0cStatsRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\"\x7f\n\rStatsResponse\x12=\n\x08\x63ounters\x18\x01 \x03(\x0b\x32+.secureinfer.v1.StatsResponse.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x8d\x01\n\x0fPrefetchRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08party_id\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x0c\n\x04held\x18\x05 \x03(\t\x12\x14\n\x0c\x63onfirm_only\x18\x06 \x01(\x08\x12\r\n\x05\x64\x65pth\x18\x07 \x01(\r\"j\n\x0b\x42indRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x10\n\x08party_id\x18\x03 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x04 \x01(\r\x12\x0f\n\x07purpose\x18\x05 \x01(\t\"\x1e\n\x0c\x42indResponse\x12\x0e\n\x06set_id\x18\x01 \x01(\t\"i\n\x0c\x43laimRequest\x12\x15\n\rdeployment_id\x18\x01 \x01(\t\x12\x10\n\x08party_id\x18\x02 \x01(\r\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x0f\n\x07purpose\x18\x04 \x01(\t\x12\x10\n\x08max_sets\x18\x05 \x01(\r\"2\n\rClaimResponse\x12\x0f\n\x07set_ids\x18\x01 \x03(\t\x12\x10\n\x08void_ids\x18\x02 \x03(\t\"!\n\rForgetRequest\x12\x10\n\x08party_id\x18\x01 \x01(\r\"!\n\x0e\x46orgetResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\r2\xb5\x05\n\x06\x44\x65\x61ler\x12S\n\nServerLive\x12!.secureinfer.v1.ServerLiveRequest\x1a\".secureinfer.v1.ServerLiveResponse\x12\\\n\rRegisterModel\x12$.secureinfer.v1.RegisterModelRequest\x1a%.secureinfer.v1.RegisterModelResponse\x12\x46\n\x05\x46\x65tch\x12\x1c.secureinfer.v1.FetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12L\n\x08Prefetch\x12\x1f.secureinfer.v1.PrefetchRequest\x1a\x1d.secureinfer.v1.MaterialChunk0\x01\x12\x41\n\x04\x42ind\x12\x1b.secureinfer.v1.BindRequest\x1a\x1c.secureinfer.v1.BindResponse\x12\x44\n\x05\x43laim\x12\x1c.secureinfer.v1.ClaimRequest\x1a\x1d.secureinfer.v1.ClaimResponse\x12J\n\x07Release\x12\x1e.secureinfer.v1.ReleaseRequest\x1a\x1f.secureinfer.v1.ReleaseResponse\x12G\n\x06\x46orget\x12\x1d.secureinfer.v1.ForgetRequest\x1a\x1e.secureinfer.v1.ForgetResponse\x12\x44\n\x05Stats\x12\x1c.secureinfer.v1.StatsRequest\x1a\x1d.secureinfer.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,25 +57,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASERESPONSE']._serialized_start=744
   _globals['_RELEASERESPONSE']._serialized_end=761
   _globals['_STATSREQUEST']._serialized_start=763
-  _globals['_STATSREQUEST']._serialized_end=777
-  _globals['_STATSRESPONSE']._serialized_start=779
-  _globals['_STATSRESPONSE']._serialized_end=906
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=859
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=906
-  _globals['_PREFETCHREQUEST']._serialized_start=909
-  _globals['_PREFETCHREQUEST']._serialized_end=1050
-  _globals['_BINDREQUEST']._serialized_start=1052
-  _globals['_BINDREQUEST']._serialized_end=1158
-  _globals['_BINDRESPONSE']._serialized_start=1160
-  _globals['_BINDRESPONSE']._serialized_end=1190
-  _globals['_CLAIMREQUEST']._serialized_start=1192
-  _globals['_CLAIMREQUEST']._serialized_end=1297
-  _globals['_CLAIMRESPONSE']._serialized_start=1299
-  _globals['_CLAIMRESPONSE']._serialized_end=1349
-  _globals['_FORGETREQUEST']._serialized_start=1351
-  _globals['_FORGETREQUEST']._serialized_end=1384
-  _globals['_FORGETRESPONSE']._serialized_start=1386
-  _globals['_FORGETRESPONSE']._serialized_end=1419
-  _globals['_DEALER']._serialized_start=1422
-  _globals['_DEALER']._serialized_end=2115
+  _globals['_STATSREQUEST']._serialized_end=800
+  _globals['_STATSRESPONSE']._serialized_start=802
+  _globals['_STATSRESPONSE']._serialized_end=929
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=882
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=929
+  _globals['_PREFETCHREQUEST']._serialized_start=932
+  _globals['_PREFETCHREQUEST']._serialized_end=1073
+  _globals['_BINDREQUEST']._serialized_start=1075
+  _globals['_BINDREQUEST']._serialized_end=1181
+  _globals['_BINDRESPONSE']._serialized_start=1183
+  _globals['_BINDRESPONSE']._serialized_end=1213
+  _globals['_CLAIMREQUEST']._serialized_start=1215
+  _globals['_CLAIMREQUEST']._serialized_end=1320
+  _globals['_CLAIMRESPONSE']._serialized_start=1322
+  _globals['_CLAIMRESPONSE']._serialized_end=1372
+  _globals['_FORGETREQUEST']._serialized_start=1374
+  _globals['_FORGETREQUEST']._serialized_end=1407
+  _globals['_FORGETRESPONSE']._serialized_start=1409
+  _globals['_FORGETRESPONSE']._serialized_end=1442
+  _globals['_DEALER']._serialized_start=1445
+  _globals['_DEALER']._serialized_end=2138
 # @@protoc_insertion_point(module_scope)

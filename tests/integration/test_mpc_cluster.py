@@ -3,6 +3,7 @@ driven through the client SDK as a user would."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -229,8 +230,12 @@ def test_pool_batches_prewarms_a_batch_size_from_deploy_time(cluster: LocalClust
     with pytest.raises(InvalidArgumentError, match="pool.batches"):
         deploy(model, torch.from_numpy(x_te[:1]), name="prewarm-bad", config=cluster.config_path,
                parameters={"pool.batches": "0"})
-    deploy(model, torch.from_numpy(x_te[:1]), name="prewarm", config=cluster.config_path,
-           parameters={"pool.batches": "6"})
+    dep = deploy(model, torch.from_numpy(x_te[:1]), name="prewarm", config=cluster.config_path,
+                 parameters={"pool.batches": "6"}).deployment_id
+    for p in (0, 1):  # every party ran each pre-warmed kind once, together, before the deploy returned
+        runs = [json.loads(line) for line in cluster.log_text(f"party{p}").splitlines()
+                if f'"deployment": "{dep}"' in line and '"event": "warmup' in line]
+        assert sorted((r["event"], r["batch"]) for r in runs) == [("warmup", 1), ("warmup", 6)]
     # wait until the dealer is idle: generation done, parts prefetched and claimed
     last, since, t0 = None, time.monotonic(), time.monotonic()
     while time.monotonic() - t0 < 60:

@@ -369,3 +369,26 @@ def test_pool_grows_to_the_parties_cache_depth_for_small_sets_in_use() -> None:
         assert len(core._pools[("d", 1, "logits")]) == 32
     finally:
         core.stop()
+
+
+def test_pool_pending_counts_a_deployments_unfilled_pools_until_they_are_full() -> None:
+    core = DealerCore(master_key=os.urandom(32), pool_size=3)
+    g = _graph_json()
+    for dep in ("d", "other"):
+        for p in (0, 1):
+            core.register(dep, g, party_id=p, n_parties=2)
+    assert core.pool_pending("d") == 1  # batch 1 is wanted from registration on
+    core.prefetch("d", party_id=0, batch=2, purpose="logits")
+    assert core.pool_pending("d") == 2 and core.pool_pending("nope") == 0
+    core.start()
+    try:
+        deadline = time.monotonic() + 30
+        while core.pool_pending("d") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert core.pool_pending("d") == 0
+        assert len(core._pools[("d", 1, "logits")]) == len(core._pools[("d", 2, "logits")]) == 3
+    finally:
+        core.stop()
+    core.max_pool_bytes = 0  # a pool the byte budget stops short counts as done, not pending forever
+    core.register("third", g, party_id=0, n_parties=2)
+    assert core._models["third"].wanted and core.pool_pending("third") == 0

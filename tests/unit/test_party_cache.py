@@ -186,3 +186,31 @@ def test_preparation_waits_at_most_max_defer_s() -> None:
         t0 = time.monotonic()
         cache.yield_to_requests(KEY)
         assert 0.09 <= time.monotonic() - t0 < 1.0
+
+
+def test_nothing_yields_while_a_request_waits_for_its_material() -> None:
+    """A request waiting for material (the binder for a claim, a peer for the binder's
+    choice) may be waiting for the very set being prepared: no yielding then."""
+    import threading
+
+    cache = _holding_one(max_defer_s=30.0)
+    done = []
+
+    def prepare() -> None:
+        cache.yield_to_requests(KEY)
+        done.append(time.monotonic())
+
+    with cache.serving():
+        assert cache._next() is None  # computing: the refill waits
+        t = threading.Thread(target=prepare)
+        t.start()
+        time.sleep(0.1)
+        assert not done  # held while the request computes
+        with cache.awaiting():  # the request (or another) now waits for material
+            t.join(timeout=2)
+            assert done  # released at once
+            t0 = time.monotonic()
+            cache.yield_to_requests(KEY)
+            assert time.monotonic() - t0 < 0.05
+            assert cache._next() == KEY  # and the refill is not held back either
+        assert cache._next() is None
