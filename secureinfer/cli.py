@@ -79,10 +79,17 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from secureinfer.client.sdk import Client
 
     x = np.load(args.input, allow_pickle=False)
+    names = [o for o in args.outputs.split(",") if o] or ["logits"]
     with Client(_topology(args), identity=args.identity) as c:
-        y = c.infer(args.model, x, version=args.version or "")
-        np.save(args.output, y, allow_pickle=False)
-        print(json.dumps({"output": args.output, "shape": list(np.shape(y)), **c.last_cost.as_dict()}))
+        y = c.infer(args.model, x, version=args.version or "", outputs=names)
+        if len(names) == 1:
+            np.save(args.output, y, allow_pickle=False)
+            shapes: dict[str, object] = {"shape": list(np.shape(y))}
+        else:  # several outputs: one .npz, an array per output name
+            with open(args.output, "wb") as fh:
+                np.savez(fh, **y)
+            shapes = {"shapes": {k: list(np.shape(v)) for k, v in y.items()}}
+        print(json.dumps({"output": args.output, **shapes, **c.last_cost.as_dict()}))
     return 0
 
 
@@ -153,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True)
     sp.add_argument("--version", default="")
     sp.add_argument("--input", required=True)
-    sp.add_argument("--output", required=True)
+    sp.add_argument("--output", required=True, help=".npy (one output) or .npz (several)")
+    sp.add_argument("--outputs", default="logits",
+                    help="comma-separated: logits, argmax, label, or the model's own output names "
+                         "(e.g. output_label,output_probability of an skl2onnx file)")
     sp.add_argument("--identity", default="client")
     _config_arg(sp)
     sp.set_defaults(func=_cmd_infer)

@@ -195,7 +195,14 @@ class Client:
         self, name: str, x: np.ndarray | torch.Tensor | Sequence[Any], *, version: str = "",
         outputs: Sequence[str] = ("logits",), frac_bits: int | None = None,
     ) -> np.ndarray | dict[str, np.ndarray]:
-        """Secure inference of ``x`` (batch first). Returns the logits, or a dict if several outputs."""
+        """Secure inference of ``x`` (batch first). Returns the logits, or a dict if several outputs.
+
+        ``outputs``: ``"logits"`` (the model's output), ``"argmax"`` (its one-hot argmax,
+        int64), ``"label"`` (a classifier's class label, int64: models imported with class
+        labels, e.g. scikit-learn pipelines through ONNX), or the model's own output names
+        where its graph declares them (an skl2onnx file's ``"output_label"``,
+        ``"output_probability"``: probabilities come as a (batch, classes) array, not
+        ZipMap's list of dicts)."""
         t0 = time.perf_counter()
         arr = torch.as_tensor(np.asarray(x))
         if not (arr.is_floating_point() or arr.dtype in (torch.int32, torch.int64, torch.uint8)):
@@ -226,8 +233,9 @@ class Client:
                 parts.append(share_from_proto(nt.tensor))
                 frac = nt.tensor.frac_bits
             value = reconstruct(parts)
-            out[oname] = (value.numpy().astype(np.int64) if oname == "argmax"
-                          else ring.decode(value, frac_bits=int(frac or 0)).numpy())
+            # no fractional bits: an integer output (argmax one-hot, a class label)
+            out[oname] = (value.numpy().astype(np.int64) if not frac
+                          else ring.decode(value, frac_bits=int(frac)).numpy())
         cost = InferenceCost(
             latency_ms=(time.perf_counter() - t0) * 1e3,
             rounds=max(r.cost.rounds for r in resps),

@@ -366,6 +366,23 @@ class Argmax(SecureOp):
         return argmax_rounds(ctx.method, ins[0].scale)
 
 
+@register
+class ClassLabel(SecureOp):
+    """``labels[argmax]`` from the argmax's one-hot shares: their dot product with the
+    public labels (``attrs["labels"]``). Local, exact: no rounds, no material."""
+
+    op = "class_label"
+
+    def infer(self, node, ins, ctx) -> ValueSpec:
+        if len(node.attrs["labels"]) != ins[0].shape[-1]:
+            raise ShapeError(f"{len(node.attrs['labels'])} class labels for {ins[0].shape[-1]} scores")
+        return ValueSpec(ins[0].shape[:-1], 0)
+
+    def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
+        labels = torch.tensor([int(c) for c in node.attrs["labels"]], dtype=torch.int64, device=xs[0].device)
+        return (xs[0] * labels).sum(dim=-1)
+
+
 # ----------------------------------------------------------------------------- pooling
 
 

@@ -126,13 +126,19 @@ def compile_plan(
         specs["dp/clip"] = OPS["clip"].infer(cnode, (specs[last],), ctx)
         steps.append(Step("dp/clip", cnode, (last,), (specs[last],), specs["dp/clip"]))
         outputs["logits"] = "dp/clip"
-    if argmax:
-        last = graph.outputs[0]
+    if argmax:  # over the label scores (outputs[1]) where the graph has them
+        last = graph.outputs[-1] if graph.labels is not None else graph.outputs[0]
         anode = Node("argmax", "argmax", (last,))
         ains = (specs[last],)
         specs["argmax"] = OPS["argmax"].infer(anode, ains, ctx)
         steps.append(Step("argmax", anode, (last,), ains, specs["argmax"]))
         outputs["argmax"] = "argmax"
+        if graph.labels is not None:  # "argmax/label": inside the planner's argmax namespace
+            lnode = Node("argmax/label", "class_label", ("argmax",), {"labels": list(graph.labels)})
+            lins = (specs["argmax"],)
+            specs[lnode.name] = OPS["class_label"].infer(lnode, lins, ctx)
+            steps.append(Step(lnode.name, lnode, ("argmax",), lins, specs[lnode.name]))
+            outputs["label"] = lnode.name
     return Plan(steps, batch, ctx, outputs, specs)
 
 

@@ -39,6 +39,8 @@ def inspect_graph(graph: Graph, *, batch: int = 1, n_parties: int = 2, method: s
     report: dict[str, Any] = {
         "input": {"name": graph.input_spec().name, "shape": list(graph.input_spec().shape)},
         "outputs": list(graph.outputs), "frac_bits": graph.frac_bits, "nodes": nodes,
+        "labels": list(graph.labels) if graph.labels is not None else None,
+        "output_names": dict(graph.output_names),
         "findings": [{"severity": f.severity, "node": f.node, "op": f.op, "message": f.message,
                       "suggestion": f.suggestion} for f in findings],
         "batch": batch, "parties": n_parties, "steps": None, "total_rounds": None, "total_bytes_per_peer": None,

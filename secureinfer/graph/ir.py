@@ -24,6 +24,14 @@ Ops (attributes). Tensors are batch-first; images NCHW. Parameter attributes
 * ``matmul`` (two secret inputs, batched ``torch.matmul`` semantics; attention)
 * ``argmax`` (added by the engine when the client asks for it)
 
+Outputs. ``outputs[0]`` is the model's output (the engine's ``logits``). A classifier
+may also declare ``labels``: the class label of each column of the *label scores*,
+``outputs[1]`` if there is one (e.g. the scores before a softmax: the same argmax, and
+no approximation between it and the label) else ``outputs[0]``; the engine's ``label``
+output is then ``labels[argmax(scores)]`` (an integer). ``output_names`` maps the model's
+own output names (an ONNX file's) to the engine outputs ``logits`` and ``label``, so a
+client may ask for them by those names.
+
 The engine (:mod:`secureinfer.engine.ops`) implements the ops; a graph whose ops it
 cannot run is refused with one error listing every such node.
 
@@ -77,6 +85,8 @@ NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{MAX_NAME_LENGTH - 1
 #: parameter names (``"<node>.weight"``, possibly with ``_`` suffixes after folding)
 PARAM_NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{2 * MAX_NAME_LENGTH - 1}}}")
 #: names the planner, the DP release and the audit use for steps or namespaces of their own
+#: most class labels a classifier may declare (its label is a dot product with them)
+MAX_LABELS = 4096
 RESERVED_NAMES = frozenset({"argmax", "dp", "audit"})
 NAME_RULE = (f"names must be unique, match {NAME_PATTERN.pattern} (no '/') and not be one of "
              f"{sorted(RESERVED_NAMES)}")
@@ -146,6 +156,8 @@ class Graph:
     frac_bits: int = 16
     params: dict[str, np.ndarray] = field(default_factory=dict)
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    labels: tuple[int, ...] | None = None  # class label per column of the label scores
+    output_names: dict[str, str] = field(default_factory=dict)  # model output name -> "logits" | "label"
 
     def __post_init__(self) -> None:
         for k, v in self.params.items():
@@ -163,6 +175,10 @@ class Graph:
             "outputs": list(self.outputs),
             "params": {k: list(v) for k, v in sorted(self.param_shapes.items())},
         }
+        if self.labels is not None:  # only when set: older graphs keep their digests
+            doc["labels"] = [int(c) for c in self.labels]
+        if self.output_names:
+            doc["output_names"] = dict(sorted(self.output_names.items()))
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     def digest(self) -> str:
@@ -184,6 +200,8 @@ class Graph:
                 outputs=[str(o) for o in doc["outputs"]],
                 frac_bits=int(doc["frac_bits"]),
                 param_shapes={str(k): tuple(int(d) for d in v) for k, v in doc["params"].items()},
+                labels=tuple(int(c) for c in doc["labels"]) if doc.get("labels") is not None else None,
+                output_names={str(k): str(v) for k, v in dict(doc.get("output_names") or {}).items()},
             )
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise InvalidArgumentError(f"malformed model graph: {exc}") from exc
@@ -261,9 +279,27 @@ class Graph:
             known.add(n.name)
         for o in self.outputs:
             if o not in known:
-                out.append(f"output {o!r} is not produced by any node")
+                out.append(f"output {_show(str(o))} is not produced by any node")
+        out.extend(self._output_problems())
         if not 1 <= self.frac_bits <= 30:
             out.append(f"frac_bits {self.frac_bits} outside 1..30")
+        return out
+
+    def _output_problems(self) -> list[str]:
+        out: list[str] = []
+        if not 1 <= len(self.outputs) <= (2 if self.labels is not None else 1):
+            out.append(f"{len(self.outputs)} outputs: a graph has one, or two with labels (the second: the "
+                       "label scores)")
+        if self.labels is not None and not 2 <= len(self.labels) <= MAX_LABELS:
+            out.append(f"{len(self.labels)} class labels (2..{MAX_LABELS})")
+        if len(self.output_names) > 8:
+            out.append(f"{len(self.output_names)} output names (at most 8)")
+        for name, target in self.output_names.items():
+            if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LENGTH or not name.isprintable():
+                out.append(f"output name {_show(str(name))} is not 1..{MAX_NAME_LENGTH} printable characters")
+            if target not in ("logits", "label") or (target == "label" and self.labels is None):
+                out.append(f"output name {_show(str(name))} maps to {_show(str(target))}: not 'logits'"
+                           + (" or 'label'" if self.labels is not None else " (the graph has no labels)"))
         return out
 
     def validate(self) -> None:

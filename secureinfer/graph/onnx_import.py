@@ -5,7 +5,11 @@ is the floor because Softmax became axis-wise and Squeeze/Unsqueeze/ReduceMean-s
 axes moved to inputs there; every later version of the ops below (Reshape-14
 ``allowzero``, BatchNormalization-14/15 ``training_mode``, Shape-15 ``start``/``end``,
 ReduceMean-18 axes input, AveragePool-19 ``dilations``, Gelu-20, types-only changes in
-21-25) is handled. Other domains are refused.
+21-25) is handled. A model of opset 7-12 (skl2onnx picks the lowest opset that will do)
+is first converted to 13 with ``onnx.version_converter``. The ``ai.onnx.ml`` domain's
+linear models, scaler and label plumbing are mapped by :mod:`secureinfer.graph.onnx_ml`
+(a classifier's label and probabilities become the graph's ``label`` and ``logits``
+outputs). Other domains are refused.
 
 ONNX op -> IR op:
 
@@ -31,6 +35,7 @@ Gelu; x*0.5*(1+Erf(x/sqrt 2)) pattern      gelu
 LayerNormalization (last axis); the        layernorm + channel_affine (scale, bias)
   ReduceMean/Sub/Pow/Sqrt/Div pattern
 Identity, Dropout, Cast                    (dropped)
+ArgMax over the classes                    the ``label`` output (see onnx_ml)
 =========================================  =========================================
 
 Constant subgraphs (initializers, ``Constant``, and anything computed only from
@@ -44,6 +49,7 @@ first; its shapes are cross-checked against the IR's shape rules.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +59,7 @@ import numpy as np
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 from secureinfer.graph.builder import Builder, ImportProblem
 from secureinfer.graph.ir import Graph
+from secureinfer.graph.onnx_ml import ML_DOMAIN, OnnxMlOps
 from secureinfer.graph.onnx_ops import OnnxOps, Patterns, attrs_of
 from secureinfer.graph.validate import suggestion
 
@@ -84,7 +91,7 @@ def _load(model_or_path: Any) -> Any:
     return model
 
 
-class _Importer(OnnxOps):
+class _Importer(OnnxOps, OnnxMlOps):
     def __init__(self, model: Any, *, frac_bits: int, input_shape: Sequence[int] | None) -> None:
         import onnx
 
@@ -94,6 +101,9 @@ class _Importer(OnnxOps):
         self.input_shape = input_shape
         self.consts: dict[str, np.ndarray] = {}
         self.vals: dict[str, str] = {}
+        self.labels_of: dict[str, tuple[str, tuple[int, ...]]] = {}  # label values (onnx_ml)
+        self.labels: tuple[int, ...] | None = None  # a classifier's class labels (outputs())
+        self.output_names: dict[str, str] = {}
         self.opset = 0
         self.inferred: dict[str, tuple[Any, ...]] = {}
         self.b: Builder | None = None
@@ -104,6 +114,12 @@ class _Importer(OnnxOps):
         for imp in self.model.opset_import:
             if imp.domain in ("", "ai.onnx"):
                 self.opset = int(imp.version)
+        if 7 <= self.opset < SUPPORTED_OPSETS.start:  # e.g. skl2onnx picks the lowest opset that will do
+            try:
+                self.model = onnx.version_converter.convert_version(self.model, SUPPORTED_OPSETS.start)
+                self.opset = SUPPORTED_OPSETS.start
+            except Exception:  # noqa: BLE001 - refused below with the opset advice
+                pass
         if self.opset not in SUPPORTED_OPSETS:
             raise UnsupportedModelError(f"ONNX opset {self.opset} is not supported",
                                         [f"re-export with an opset in {SUPPORTED_OPSETS.start}.."
@@ -179,8 +195,10 @@ class _Importer(OnnxOps):
                 if id(node) in fused.final:
                     kind, src, extra = fused.final[id(node)]
                     value = self.fused(node, kind, src, extra)
-                elif node.domain not in ("", "ai.onnx"):
+                elif node.domain not in ("", "ai.onnx", ML_DOMAIN):
                     raise ImportProblem(f"operator of domain {node.domain!r}")
+                elif self.pass_label(node):
+                    continue
                 elif all(i == "" or i in self.consts for i in node.input) and node.op_type != "Shape":
                     self.fold(node)
                     continue
@@ -193,10 +211,15 @@ class _Importer(OnnxOps):
                         raise ImportProblem("Dropout in training mode", "training")
                     value = self.x(node)
                 else:
-                    handler = getattr(self, f"op_{node.op_type}", None)
+                    prefix = "ml_" if node.domain == ML_DOMAIN else "op_"
+                    handler = getattr(self, f"{prefix}{node.op_type}", None)
                     if handler is None:
-                        raise ImportProblem(f"ONNX op {node.op_type} is not supported", node.op_type)
+                        where = f" (domain {ML_DOMAIN})" if node.domain == ML_DOMAIN else ""
+                        raise ImportProblem(f"ONNX op {node.op_type}{where} is not supported", node.op_type)
                     value = handler(node, attrs_of(node))
+                    if isinstance(value, dict):  # several outputs (or a label value only)
+                        self.vals.update(value)
+                        continue
             except ImportProblem as exc:
                 hint = suggestion(exc.kind) if exc.kind else None
                 after_problem = any(self.b.is_opaque(self.vals.get(i, "")) for i in node.input)
@@ -210,17 +233,35 @@ class _Importer(OnnxOps):
                 if extra_out and extra_out in used:
                     self.b.problem(f"{self.where(node)}: its output {extra_out!r} is used (only the first output "
                                    "of a multi-output op is supported)")
-        outs = []
-        for o in graph.output:
-            if o.name not in self.vals:
-                self.b.problem(f"output {o.name!r} is not computed from the model input")
-            else:
-                outs.append(self.vals[o.name])
-        if len(outs) > 1:
-            self.b.problem(f"the model has {len(outs)} outputs; only one is supported")
+        outs = self.outputs(graph)
         if strict:
             self.b.check_engine_ops()
-        return self.b, outs[:1], dict(self.b.origin)
+        return self.b, outs, dict(self.b.origin)
+
+    def outputs(self, graph: Any) -> list[str]:
+        """The IR outputs; sets ``self.labels`` and ``self.output_names`` for a classifier.
+
+        At most one output is an activation (the engine's ``logits``) and at most one a
+        label; the label's scores become the second IR output where they differ from
+        the first (see :class:`~secureinfer.graph.ir.Graph`)."""
+        acts = [o.name for o in graph.output if o.name in self.vals]
+        labels = [o.name for o in graph.output if o.name in self.labels_of and o.name not in self.vals]
+        for o in graph.output:
+            if o.name not in self.vals and o.name not in self.labels_of:
+                self.b.problem(f"output {o.name!r} is not computed from the model input")
+        if len(acts) > 1:
+            self.b.problem(f"the model has {len(acts)} tensor outputs ({', '.join(acts)}); one is supported "
+                           "(plus a classifier's label)")
+        if len(labels) > 1:
+            self.b.problem(f"the model has {len(labels)} label outputs; one is supported")
+        self.labels, self.output_names = None, {}
+        if not labels:
+            return [self.vals[a] for a in acts[:1]]
+        src, classes = self.labels_of[labels[0]]
+        self.labels = classes
+        main = self.vals[acts[0]] if acts else src
+        self.output_names = {labels[0]: "label", **({acts[0]: "logits"} if acts else {})}
+        return [main] if main == src else [main, src]
 
     def fold(self, node: Any) -> None:
         from onnx.reference import ReferenceEvaluator
@@ -274,9 +315,11 @@ def from_onnx(model_or_path: Any, *, frac_bits: int = 16, input_shape: Sequence[
     from secureinfer.graph.passes import optimize as run_passes
     from secureinfer.graph.validate import validate
 
-    builder, outputs, origin = _Importer(_load(model_or_path), frac_bits=frac_bits, input_shape=input_shape).run(
-        strict=strict)
+    imp = _Importer(_load(model_or_path), frac_bits=frac_bits, input_shape=input_shape)
+    builder, outputs, origin = imp.run(strict=strict)
     graph = builder.finish(outputs)
+    if imp.labels is not None:
+        graph = dataclasses.replace(graph, labels=imp.labels, output_names=imp.output_names)
     if optimize:
         graph = run_passes(graph)
     if strict:

@@ -184,7 +184,7 @@ def _copy(graph: Graph, nodes: list[Node], outputs: list[str], params: dict[str,
     if not graph.params:  # structure-only graph: keep the declared shapes
         shapes = {k: v for k, v in graph.param_shapes.items() if k in used}
     return Graph(inputs=list(graph.inputs), nodes=nodes, outputs=outputs, frac_bits=graph.frac_bits,
-                 params=kept, param_shapes=shapes)
+                 params=kept, param_shapes=shapes, labels=graph.labels, output_names=dict(graph.output_names))
 
 
 def fold_affine(graph: Graph) -> Graph:

@@ -114,4 +114,5 @@ def calibrate_ranges(
             node = replace(node, attrs={**node.attrs, "int_bits": int(bits)})
         nodes.append(node)
     return Graph(inputs=list(graph.inputs), nodes=nodes, outputs=list(graph.outputs), frac_bits=graph.frac_bits,
-                 params=dict(graph.params), param_shapes=dict(graph.param_shapes))
+                 params=dict(graph.params), param_shapes=dict(graph.param_shapes), labels=graph.labels,
+                 output_names=dict(graph.output_names))

@@ -70,7 +70,7 @@ _RID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: protocols' own steps count up from 1)
 _BIND_STEP = 2**32 - 1
 _SET_ID_RE = re.compile(rb"^[0-9a-f]{0,64}$")
-OUTPUTS = ("logits", "argmax")
+OUTPUTS = ("logits", "argmax", "label")  # "label": graphs with labels only
 
 
 #: how long a deploy without ``pool.batches`` waits for its first batch-1 set
@@ -522,9 +522,7 @@ class PartyServer:
         if not _RID_RE.match(req.request_id):
             raise InvalidArgumentError("request_id must be 1..64 characters of [A-Za-z0-9_-]")
         outputs = list(req.outputs) or ["logits"]
-        bad = [o for o in outputs if o not in OUTPUTS]
-        if bad:
-            raise InvalidArgumentError(f"unknown outputs {bad}; available: {list(OUTPUTS)}")
+        engine_out = self._engine_outputs(lm, outputs)
         spec = lm.graph.input_spec()
         expected = "(batch, " + ", ".join(str(d) for d in spec.shape[1:]) + ")"
         if req.input.encoding not in (common_pb2.ENCODING_ADDITIVE_SHARE, common_pb2.ENCODING_SEEDED_SHARE):
@@ -541,7 +539,7 @@ class PartyServer:
         padded = batch_bucket(batch)
         if padded > batch:
             x = torch.cat([x, x.new_zeros((padded - batch, *x.shape[1:]))])
-        argmax = "argmax" in outputs
+        argmax = "argmax" in engine_out.values() or "label" in engine_out.values()
         purpose = "argmax" if argmax else lm.default_purpose
         info: dict[str, str] = {}
         if lm.dp is not None:
@@ -577,10 +575,10 @@ class PartyServer:
             model_name=lm.record.name, model_version=lm.record.version, request_id=req.request_id,
             party_id=self.party_id, info=info,
         )
-        for name in outputs:
-            frac = plan.output_scale if name == "logits" else 0
+        for name in outputs:  # under the names asked for (a model's own output names included)
+            frac = plan.output_scale if engine_out[name] == "logits" else 0
             resp.outputs.add(name=name, tensor=tensor_to_proto(
-                outs[name], encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=frac))
+                outs[engine_out[name]], encoding=common_pb2.ENCODING_ADDITIVE_SHARE, frac_bits=frac))
         c = session.costs
         resp.cost.CopyFrom(common_pb2.Cost(
             latency_ms=(time.perf_counter() - t0) * 1e3, rounds=c.rounds, bytes_sent_online=c.bytes_sent,
@@ -592,6 +590,20 @@ class PartyServer:
                       cpu_ms=round((time.thread_time() - cpu0) * 1e3, 2),  # this thread only
                       gc_ms=round((gc_seconds() - gc0) * 1e3, 2))  # the process's collections meanwhile
         return resp
+
+    @staticmethod
+    def _engine_outputs(lm: LoadedModel, outputs: list[str]) -> dict[str, str]:
+        """Each requested output name -> the engine output it is: ``logits``, ``argmax``
+        (one-hot), ``label`` (a classifier's class label), or a model output name the
+        graph declares (``Graph.output_names``). InvalidArgumentError naming the rest."""
+        known = {o: o for o in OUTPUTS if o != "label" or lm.graph.labels is not None}
+        known.update(lm.graph.output_names)
+        if len(outputs) > len(known) or len(set(outputs)) != len(outputs):
+            raise InvalidArgumentError(f"outputs {outputs[:8]!r}: each at most once, from {sorted(known)}")
+        bad = [o for o in outputs if o not in known]
+        if bad:
+            raise InvalidArgumentError(f"unknown outputs {bad}; model {lm.record.name!r} has {sorted(known)}")
+        return {o: known[o] for o in outputs}
 
     def debit(self, client: str, lm: LoadedModel, request_id: str, rows: int) -> dict[str, str]:
         """Charge a DP request to the client's budget (committed and fsync'd before any release).
