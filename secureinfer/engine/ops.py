@@ -532,6 +532,23 @@ class Reshape(SecureOp):
 
 
 @register
+class Transpose(SecureOp):
+    """A permutation of the axes (batch kept first): local, on each share."""
+
+    op = "transpose"
+
+    def infer(self, node, ins, ctx) -> ValueSpec:
+        perm = [int(p) for p in node.attrs["perm"]]
+        shp = ins[0].shape
+        if sorted(perm) != list(range(len(shp))) or perm[0] != 0:
+            raise ShapeError(f"node {node.name!r}: perm {perm} does not permute the axes of {shp} keeping the batch")
+        return ValueSpec(tuple(shp[p] for p in perm), ins[0].scale)
+
+    def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
+        return xs[0].permute(*node.attrs["perm"]).contiguous()
+
+
+@register
 class Add(SecureOp):
     """Residual add: align both inputs to the larger scale (exact local upscale), add."""
 

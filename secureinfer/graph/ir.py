@@ -16,7 +16,8 @@ Ops (attributes). Tensors are batch-first; images NCHW. Parameter attributes
   (BatchNorm in inference: folded into the preceding conv/linear, else this op)
 * ``relu``; ``leaky_relu`` (negative_slope)
 * ``maxpool2d`` / ``avgpool2d`` (kernel_size, stride, padding); ``global_avgpool``
-* ``flatten`` (start_dim); ``reshape`` (shape: target shape without the batch axis)
+* ``flatten`` (start_dim); ``reshape`` (shape: target shape without the batch axis);
+  ``transpose`` (perm: a permutation of every axis that keeps the batch first, perm[0] = 0)
 * ``add`` (two inputs, broadcasting); ``concat`` (axis, n inputs)
 * ``sigmoid``; ``tanh``; ``gelu``; ``softmax`` (axis); ``layernorm`` (axis = -1, size,
   eps, weight = None, bias = None: the importers emit gamma/beta as a following
@@ -74,6 +75,7 @@ __all__ = [
 SUPPORTED_OPS = (
     "linear", "conv2d", "channel_affine", "relu", "leaky_relu", "maxpool2d", "avgpool2d", "global_avgpool",
     "flatten", "reshape", "add", "concat", "sigmoid", "tanh", "gelu", "softmax", "layernorm", "matmul", "clip",
+    "transpose",
 )
 _PARAM_ATTRS = ("weight", "bias")
 _FORMAT = "secureinfer.graph/1"
@@ -272,6 +274,10 @@ class Graph:
             if n.op == "linear" and n.attrs.get("weight") in self.param_shapes:
                 if self.param_shapes[n.attrs["weight"]] != (n.attrs.get("out_features"), n.attrs.get("in_features")):
                     out.append(f"node {n.name!r}: weight shape {self.param_shapes[n.attrs['weight']]} does not match attrs")
+            if n.op == "transpose":
+                perm = n.attrs.get("perm")
+                if not isinstance(perm, list) or sorted(perm) != list(range(len(perm))) or perm[:1] != [0]:
+                    out.append(f"node {n.name!r}: transpose perm {perm!r} is not a permutation with perm[0] = 0")
             if n.op in ("relu", "maxpool2d") and "int_bits" in n.attrs:
                 b = n.attrs["int_bits"]
                 if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 62:

@@ -11,6 +11,8 @@ Formats, detected from the content (not the file name):
   (verified with ``torch.load(weights_only=True)``) and metadata files. Anything else is
   refused.
 * **ONNX** (``onnx.save``) — parsed as protobuf; see :mod:`secureinfer.graph.onnx_import`.
+* **TFLite** (a flatbuffer with the ``TFL3`` identifier) — parsed with the ``tflite``
+  package, no TensorFlow; see :mod:`secureinfer.graph.tflite_import`.
 * **TorchScript** (``torch.jit.save``) — ``torch.jit.load`` reads TorchScript code and
   tensors only; see :func:`secureinfer.graph.torch_import.from_script`.
 
@@ -103,7 +105,9 @@ def safe_load_exported(path: Path) -> torch.export.ExportedProgram:
 
 def _kind(path: Path) -> str:
     with path.open("rb") as fh:
-        head = fh.read(4)
+        head = fh.read(8)
+    if head[4:8] == b"TFL3":  # the TFLite flatbuffer's file identifier
+        return "tflite"
     if head.startswith(b"PK"):
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
@@ -119,7 +123,7 @@ def _kind(path: Path) -> str:
 
 def load_model_file(path: Path, *, frac_bits: int = 16, input_shape: Sequence[int] | None = None,
                     strict: bool = True) -> Graph:
-    """Import a ``.pt2`` (torch.export), ``.onnx`` or TorchScript file.
+    """Import a ``.pt2`` (torch.export), ``.onnx``, ``.tflite`` or TorchScript file.
 
     ``input_shape`` (per sample, without the batch axis) is needed for TorchScript models
     that do not start with a Linear, and for ONNX models with symbolic feature dimensions.
@@ -148,6 +152,10 @@ def load_model_file(path: Path, *, frac_bits: int = 16, input_shape: Sequence[in
         from secureinfer.graph.onnx_import import from_onnx
 
         return from_onnx(path, frac_bits=frac_bits, input_shape=input_shape, strict=strict)
+    if kind == "tflite":
+        from secureinfer.graph.tflite_import import from_tflite
+
+        return from_tflite(path, frac_bits=frac_bits)
     if kind == "torchscript":
         from secureinfer.graph.torch_import import from_script
 

@@ -320,7 +320,12 @@ class OnnxOps:
         return self._reshape(node, out)
 
     def op_Transpose(self, node: Any, a: dict[str, Any]) -> str:
-        raise ImportProblem("Transpose of an activation", "transpose")
+        x = self.x(node)
+        nd = len(self.b.shapes[x])
+        perm = [int(p) for p in a.get("perm", list(range(nd))[::-1])]
+        if perm[:1] != [0]:
+            raise ImportProblem(f"Transpose with perm {perm} moves the batch axis", "transpose")
+        return x if perm == list(range(nd)) else self.emit(node, "transpose", [x], {"perm": perm})
 
 
 class Patterns:

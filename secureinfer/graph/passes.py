@@ -92,6 +92,8 @@ def run_node(node: Node, xs: Sequence[torch.Tensor], params: Mapping[str, torch.
         return torch.flatten(x, a.get("start_dim", 1))
     if op == "reshape":
         return x.reshape(x.shape[0], *a["shape"])
+    if op == "transpose":
+        return x.permute(*a["perm"])
     if op == "add":
         return xs[0] + xs[1]
     if op == "concat":

@@ -65,8 +65,8 @@ SUGGESTIONS: dict[str, str] = {
     "avg_pool1d": "use AvgPool2d on a (N, C, 1, L) input",
     "upsample": "upsampling is not supported: use a Linear to the upsampled size, or avoid upsampling",
     "embedding": "embed on the client and send the embeddings as the model input",
-    "transpose": "the IR has no transpose/permute of secret tensors: fold the transpose into the weights "
-                 "(e.g. Linear on the other axis) or keep the batch-first layout",
+    "transpose": "a transpose must keep the batch axis first (perm[0] = 0); the PyTorch importer does not "
+                 "map permute/transpose yet (export to ONNX, or fold the transpose into the weights)",
     "mul": "multiply a secret tensor only by constants (x * c); for gating use a Linear/Conv",
     "div": "divide only by constants (x / c)",
     "sub": "subtract a constant or use add",

@@ -75,3 +75,33 @@ def test_pytorch_and_onnx_imports_give_the_same_secure_outputs(cluster: LocalClu
     assert np.abs(a - b).max() <= 1e-3  # float32 ONNX weights vs float64: at most a few ulps apart
     assert (a.argmax(1) == b.argmax(1)).all()
     _check(b, model, x.numpy())
+
+
+def test_tflite_cnn_with_int8_weights_64_inputs(cluster: LocalCluster, tmp_path) -> None:
+    """Issue 10: a .tflite CNN (int8 weights, written by scripts/make_tflite.py) deployed as a
+    file, through real parties: the reference interpreter's argmax on 64 inputs."""
+    import sys
+    from pathlib import Path
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    from secureinfer.graph.load import load_model_file
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from make_tflite import cnn_tflite
+
+    model = cnn_tflite(seed=2)
+    path = tmp_path / "cnn.tflite"
+    path.write_bytes(model)
+    deploy_graph(load_model_file(path), name="tflite-cnn", config=cluster.config_path)
+    x = np.random.default_rng(3).random((64, 16, 16, 3)).astype(np.float32)
+    it = Interpreter(model_content=model)
+    inp = it.get_input_details()[0]
+    it.resize_tensor_input(inp["index"], list(x.shape))
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x)
+    it.invoke()
+    ref = it.get_tensor(it.get_output_details()[0]["index"]).astype(np.float64)
+    secure = _run(cluster, "tflite-cnn", x, batch=16)
+    assert np.abs(secure - ref).max() <= 1e-2
+    assert (secure.argmax(1) == ref.argmax(1)).all()

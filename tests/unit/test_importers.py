@@ -366,9 +366,10 @@ def test_onnx_ops_match_the_onnx_reference_evaluator() -> None:
 def test_onnx_unsupported_nodes_are_all_listed() -> None:
     nodes = [
         helper.make_node("Elu", ["x"], ["e"]),
-        helper.make_node("Transpose", ["e"], ["t"], perm=[0, 1, 3, 2]),
+        helper.make_node("Transpose", ["e"], ["t"], perm=[0, 1, 3, 2]),  # fine: the batch stays first
         helper.make_node("MaxPool", ["t"], ["p"], kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
-        helper.make_node("Relu", ["p"], ["out"]),
+        helper.make_node("Transpose", ["p"], ["q"], perm=[1, 0, 2, 3]),  # moves the batch axis
+        helper.make_node("Relu", ["q"], ["out"]),
     ]
     with pytest.raises(UnsupportedModelError) as err:
         from_onnx(_model(nodes, {}, [1, 2, 6, 6], "out"))
