@@ -549,6 +549,25 @@ class Transpose(SecureOp):
 
 
 @register
+class Slice(SecureOp):
+    """``x[..., start:end, ...]`` along one non-batch axis: local, on each share."""
+
+    op = "slice"
+
+    def infer(self, node, ins, ctx) -> ValueSpec:
+        shp = list(ins[0].shape)
+        axis, start, end = (int(node.attrs[k]) for k in ("axis", "start", "end"))
+        if not 1 <= axis < len(shp) or not 0 <= start < end <= shp[axis]:
+            raise ShapeError(f"node {node.name!r}: slice {start}:{end} of axis {axis} of {tuple(shp)}")
+        shp[axis] = end - start
+        return ValueSpec(tuple(shp), ins[0].scale)
+
+    def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
+        a = node.attrs
+        return xs[0].narrow(int(a["axis"]), int(a["start"]), int(a["end"]) - int(a["start"])).contiguous()
+
+
+@register
 class Add(SecureOp):
     """Residual add: align both inputs to the larger scale (exact local upscale), add."""
 
@@ -563,6 +582,26 @@ class Add(SecureOp):
 
     def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
         return upscale(xs[0], out.scale - ins[0].scale) + upscale(xs[1], out.scale - ins[1].scale)
+
+
+@register
+class AddTensor(SecureOp):
+    """``x + P`` for a secret parameter tensor ``P`` broadcast over the batch (position
+    embeddings, additive attention masks): each party adds its share of ``P``, encoded
+    with ``f`` bits and shifted up to the input's scale (exact). Local: no rounds."""
+
+    op = "add_tensor"
+
+    def infer(self, node, ins, ctx) -> ValueSpec:
+        if ins[0].scale < ctx.f:
+            raise ShapeError(f"node {node.name!r}: input scale {ins[0].scale} below f = {ctx.f}")
+        return ValueSpec(ins[0].shape, ins[0].scale)
+
+    def encode(self, node, params, f) -> dict[str, torch.Tensor]:
+        return {node.attrs["bias"]: _encode_param(params[node.attrs["bias"]], f)}
+
+    def run(self, s, bundle, name, node, xs, ins, out, ctx, fixed, shares) -> torch.Tensor:
+        return xs[0] + upscale(shares[node.attrs["bias"]], ins[0].scale - ctx.f)
 
 
 @register

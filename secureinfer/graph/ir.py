@@ -17,8 +17,11 @@ Ops (attributes). Tensors are batch-first; images NCHW. Parameter attributes
 * ``relu``; ``leaky_relu`` (negative_slope)
 * ``maxpool2d`` / ``avgpool2d`` (kernel_size, stride, padding); ``global_avgpool``
 * ``flatten`` (start_dim); ``reshape`` (shape: target shape without the batch axis);
-  ``transpose`` (perm: a permutation of every axis that keeps the batch first, perm[0] = 0)
-* ``add`` (two inputs, broadcasting); ``concat`` (axis, n inputs)
+  ``transpose`` (perm: a permutation of every axis that keeps the batch first, perm[0] = 0);
+  ``slice`` (axis >= 1, start, end: ``x[..., start:end, ...]``, step 1)
+* ``add`` (two inputs, broadcasting); ``concat`` (axis, n inputs); ``add_tensor`` (bias:
+  a parameter tensor broadcast over the batch, e.g. position embeddings or an additive
+  attention mask)
 * ``sigmoid``; ``tanh``; ``gelu``; ``softmax`` (axis); ``layernorm`` (axis = -1, size,
   eps, weight = None, bias = None: the importers emit gamma/beta as a following
   ``channel_affine``); ``clip`` (bound: symmetric, used for DP releases)
@@ -75,7 +78,7 @@ __all__ = [
 SUPPORTED_OPS = (
     "linear", "conv2d", "channel_affine", "relu", "leaky_relu", "maxpool2d", "avgpool2d", "global_avgpool",
     "flatten", "reshape", "add", "concat", "sigmoid", "tanh", "gelu", "softmax", "layernorm", "matmul", "clip",
-    "transpose",
+    "transpose", "add_tensor", "slice",
 )
 _PARAM_ATTRS = ("weight", "bias")
 _FORMAT = "secureinfer.graph/1"

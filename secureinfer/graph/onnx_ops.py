@@ -210,10 +210,28 @@ class OnnxOps:
             y = y and self.b.const_affine(y, c, mul=False, name=name, origin=origin)
         else:
             y = self.b.const_affine(x, -c if op == "Sub" else c, mul=False, name=name, origin=origin)
+        if y is None and (op == "Add" or (op == "Sub" and p is not None)):
+            # a full constant tensor: position embeddings, additive attention masks
+            y = self._add_tensor(x, c if op == "Add" else -c, name=name, origin=origin)
         if y is None:
-            raise ImportProblem(f"{op} with a constant that varies along more than one axis (the IR applies constants "
-                               "per channel only)")
+            raise ImportProblem(f"{op} with a constant that varies along more than one axis (the IR multiplies "
+                               "by constants per channel only)")
         return y
+
+    def _add_tensor(self, x: str, c: np.ndarray, *, name: str, origin: str) -> str | None:
+        """``x + c`` as ``add_tensor`` when ``c`` broadcasts over ``x`` without the batch axis."""
+        shape = self.b.shapes[x]
+        if c.ndim == len(shape):
+            if c.shape[0] != 1:
+                return None
+            c = c[0]
+        try:
+            np.broadcast_shapes(c.shape, tuple(shape[1:]))
+        except ValueError:
+            return None
+        if np.broadcast_shapes(c.shape, tuple(shape[1:])) != tuple(shape[1:]):
+            return None
+        return self.b.emit("add_tensor", [x], name=name, params={"bias": c}, origin=origin)
 
     op_Add = op_Sub = op_Mul = op_Div = _binary
 
@@ -229,6 +247,67 @@ class OnnxOps:
         if axis == 0:
             raise ImportProblem("Concat along the batch axis")
         return xs[0] if len(xs) == 1 else self.emit(node, "concat", xs, {"axis": axis})
+
+    def _slice(self, node: Any, x: str, axis: int, start: int, end: int, suffix: str = "") -> str:
+        n = self.b.shapes[x][axis]
+        start, end = max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
+        if axis == 0:
+            raise ImportProblem("slicing the batch axis")
+        if (start, end) == (0, n):
+            return x
+        return self.b.emit("slice", [x], {"axis": axis, "start": start, "end": end},
+                           name=self.base_name(node) + suffix, origin=self.where(node))
+
+    def op_Split(self, node: Any, a: dict[str, Any]) -> dict[str, str]:
+        x = self.x(node)
+        nd = len(self.b.shapes[x])
+        axis = int(a.get("axis", 0)) % nd
+        n = self.b.shapes[x][axis]
+        sizes = self.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if sizes is None:
+            sizes = a.get("split")  # opset < 13
+        if sizes is None:
+            k = int(a.get("num_outputs", len(node.output)))
+            sizes = [-(-n // k)] * (k - 1) + [n - (k - 1) * -(-n // k)]
+        sizes = [int(v) for v in np.asarray(sizes).reshape(-1)]
+        if sum(sizes) != n or len(sizes) != len(node.output):
+            raise ImportProblem(f"Split sizes {sizes} of an axis of {n}")
+        out, start = {}, 0
+        for i, (o, size) in enumerate(zip(node.output, sizes)):
+            out[o] = self._slice(node, x, axis, start, start + size, f".{i}")
+            start += size
+        return out
+
+    def op_Slice(self, node: Any, a: dict[str, Any]) -> str:
+        x = self.x(node)
+        nd = len(self.b.shapes[x])
+        starts, ends = self.const(node.input[1]), self.const(node.input[2])
+        axes = self.const(node.input[3]) if len(node.input) > 3 and node.input[3] else np.arange(nd)[: len(starts)]
+        steps = self.const(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+        if starts is None or ends is None or axes is None:
+            raise ImportProblem("Slice with non-constant bounds")
+        if steps is not None and (steps != 1).any():
+            raise ImportProblem("Slice with a step other than 1")
+        for k, (ax, st, en) in enumerate(zip(axes.reshape(-1), starts.reshape(-1), ends.reshape(-1))):
+            big = 2 ** 62
+            x = self._slice(node, x, int(ax) % nd, int(max(-big, min(big, st))), int(max(-big, min(big, en))),
+                            f".{k}" if k else "")
+        return x
+
+    def op_Gather(self, node: Any, a: dict[str, Any]) -> str:
+        x = self.act(node.input[0])
+        idx = self.const(node.input[1])
+        if x is None or idx is None or idx.size != 1:
+            raise ImportProblem("Gather other than one constant index of an activation (embedding lookups: "
+                                "send one-hot inputs and use a Linear)", "embedding")
+        shape = self.b.shapes[x]
+        axis = int(a.get("axis", 0)) % len(shape)
+        i = int(idx.reshape(-1)[0])
+        y = self._slice(node, x, axis, i, i + 1 if i != -1 else shape[axis])
+        if idx.ndim == 0:  # a scalar index drops the axis
+            out = tuple(d for k, d in enumerate(self.b.shapes[y]) if k != axis)
+            y = self.b.reshape(y, out, name=f"{self.base_name(node)}.squeeze", origin=self.where(node))
+        return y
 
     # ------------------------------------------------------------------ pooling
     def _pool(self, node: Any, a: dict[str, Any], op: str) -> str:

@@ -94,6 +94,12 @@ def run_node(node: Node, xs: Sequence[torch.Tensor], params: Mapping[str, torch.
         return x.reshape(x.shape[0], *a["shape"])
     if op == "transpose":
         return x.permute(*a["perm"])
+    if op == "slice":
+        if not 1 <= a["axis"] < x.dim() or not 0 <= a["start"] < a["end"] <= x.shape[a["axis"]]:
+            raise ShapeError(f"slice {node.name!r}: {a['start']}:{a['end']} of axis {a['axis']} of {tuple(x.shape)}")
+        return x.narrow(a["axis"], a["start"], a["end"] - a["start"])
+    if op == "add_tensor":
+        return x + p("bias")
     if op == "add":
         return xs[0] + xs[1]
     if op == "concat":
