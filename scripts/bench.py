@@ -93,7 +93,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from secureinfer.client.admin import remove_model  # noqa: E402
-from secureinfer.client.sdk import Client, deploy  # noqa: E402
+from secureinfer.client.sdk import Client, deploy, deploy_graph  # noqa: E402
 from secureinfer.localcluster import LocalCluster  # noqa: E402
 
 InputFn = Callable[[int], torch.Tensor]  # request index -> input batch
@@ -108,6 +108,7 @@ class Case:
     measured: int = 20  # spaced requests measured by default
     warmup: int = 3
     description: str = ""
+    onnx: bool = False  # deployed through its ONNX export (models the PyTorch importer does not map)
 
 
 def _uniform_inputs(shape: tuple[int, ...], *, seed: int) -> InputFn:
@@ -141,6 +142,35 @@ def build_resnet(batch: int) -> tuple[nn.Module, InputFn]:
     return small_resnet(), _uniform_inputs((batch, 3, 32, 32), seed=batch)
 
 
+def build_bert(seq: int) -> Callable[[int], tuple[nn.Module, InputFn]]:
+    """BERT-tiny-style classifier (2 layers, hidden 128, 2 heads, ``seq`` tokens; input:
+    the embedded sequence), secureinfer.zoo_transformers.TinyBert."""
+    def build(batch: int) -> tuple[nn.Module, InputFn]:
+        from secureinfer.zoo_transformers import TinyBert
+
+        return TinyBert(layers=2, hidden=128, heads=2, seq=seq, classes=2), _normal_inputs((batch, seq, 128), seed=seq)
+
+    return build
+
+
+def build_gpt(batch: int) -> tuple[nn.Module, InputFn]:
+    """GPT-2-tiny-style decoder (2 layers, hidden 128, 2 heads, 16 tokens, causal mask,
+    next-token logits over 256), secureinfer.zoo_transformers.TinyGpt."""
+    from secureinfer.zoo_transformers import TinyGpt
+
+    return TinyGpt(layers=2, hidden=128, heads=2, seq=16, vocab=256), _normal_inputs((batch, 16, 128), seed=16)
+
+
+def _normal_inputs(shape: tuple[int, ...], *, seed: int) -> InputFn:
+    """Standard normal inputs (embedded tokens); benchmark data, not a secret."""
+
+    def make(i: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        return torch.randn(shape, generator=g)
+
+    return make
+
+
 #: Case registry: name -> Case.
 CASES: dict[str, Case] = {
     "mlp1": Case(
@@ -162,6 +192,18 @@ CASES: dict[str, Case] = {
     "resnet1": Case(
         batch=1, build=build_resnet, measured=4, warmup=1,
         description="small ResNet (CIFAR shape, BatchNorm, residual adds), batch 1",
+    ),
+    "bert-tiny32": Case(
+        batch=1, build=build_bert(32), measured=5, warmup=1, onnx=True,
+        description="BERT-tiny-style classifier, 2 layers, hidden 128, 2 heads, sequence 32",
+    ),
+    "bert-tiny128": Case(
+        batch=1, build=build_bert(128), measured=3, warmup=1, onnx=True,
+        description="BERT-tiny-style classifier, 2 layers, hidden 128, 2 heads, sequence 128",
+    ),
+    "gpt2-tiny": Case(
+        batch=1, build=build_gpt, measured=5, warmup=1, onnx=True,
+        description="GPT-2-tiny-style decoder, 2 layers, hidden 128, 16 tokens, next-token logits",
     ),
 }
 
@@ -335,8 +377,18 @@ def run_case(name: str, case: Case, cluster: LocalCluster, *, repeat: int | None
         t0 = time.perf_counter()
         client.connect()
         connect_ms = (time.perf_counter() - t0) * 1e3
+        graph = None
+        if case.onnx:  # exported and imported before the deploy clock starts
+            from secureinfer.graph.onnx_import import from_onnx
+            from secureinfer.zoo_transformers import to_onnx
+
+            graph = from_onnx(to_onnx(model, inputs(0)))
         t0 = time.perf_counter()  # until every party holds material and the dealer's pools are full
-        deploy(model, inputs(0), name=name, config=cluster.config_path, **deploy_options(case, inputs, calibrate=calibrate))
+        if graph is not None:
+            deploy_graph(graph, name=name, config=cluster.config_path, **deploy_options(case, inputs, calibrate=calibrate))
+        else:
+            deploy(model, inputs(0), name=name, config=cluster.config_path,
+                   **deploy_options(case, inputs, calibrate=calibrate))
         deploy_ms = (time.perf_counter() - t0) * 1e3
         pool_keys[0] += 1 if case.batch == 1 else 2
         log(f"{name}: {case.warmup} warm-up request(s)")

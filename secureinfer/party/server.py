@@ -69,6 +69,7 @@ _RID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: the data-path step of the binder's note naming a session's material set (the
 #: protocols' own steps count up from 1)
 _BIND_STEP = 2**32 - 1
+_WARMUP_STEP = 2**32 - 2  # party 0's decision on a deploy's warm-up (session "warmup/<deployment>")
 _SET_ID_RE = re.compile(rb"^[0-9a-f]{0,64}$")
 OUTPUTS = ("logits", "argmax", "label")  # "label": graphs with labels only
 
@@ -264,8 +265,9 @@ class PartyServer:
         """After a deploy: return once this party holds material for batch 1 and every size
         in ``pool.batches`` (so the first such request makes no dealer call), or after a
         bound: half the request timeout with ``pool.batches``, else ``_PREWARM_BATCH1_S``
-        (a set too large for the pool never arrives; then the first request waits for
-        generation). Then run each kind once (:meth:`_warm_up`) and, for at most twice the
+        or, while the dealer still generates the deployment's sets, up to half the request
+        timeout (a set too large for the pool never arrives; then the first request waits
+        for generation). Then run each kind once (:meth:`_warm_up`) and, for at most twice the
         wait so far + 1 s more, wait until the cache holds its full depth of those kinds (the
         burst stock of small kinds included, :meth:`MaterialCache.kind_depth`) with no
         prefetch in flight, and then, within the first bound, until the dealer's pools of
@@ -282,14 +284,28 @@ class PartyServer:
         bound = half if len(keys) > 1 else min(_PREWARM_BATCH1_S, half)
         t0 = time.monotonic()
         ready = self.cache.wait_ready(keys, timeout=bound)
-        if ready:
-            self._warm_up(lm, keys, deadline=t0 + bound)
+        dep = lm.record.deployment_id
+        while not ready and time.monotonic() - t0 < half and self._dealer_pending(dep):
+            # past the bound but the dealer is still generating this deployment's sets (a
+            # BERT-tiny batch-1 set, 790 MB, takes longer than 3 s): keep waiting, to half
+            # the request timeout; a set the dealer will not make (too large) ends the wait
+            ready = self.cache.wait_ready(keys, timeout=min(0.5, half - (time.monotonic() - t0)))
+            bound = half
+        waited = time.monotonic() - t0
+        # the warm-up consumes a set per kind: only worth it when its replacement can be
+        # waited for too (after a first set that took longer than a quarter of the request
+        # timeout, the first request would wait for generation instead). Party 0 decides
+        # for all (the parties' waits differ a little): every party runs it, or none.
+        if self._warm_up_agreed(dep, run=ready and 2 * waited < half, timeout=max(1.0, half - waited)):
+            self._warm_up(lm, keys, deadline=time.monotonic() + self.settings.request_timeout_s / 4)
+        else:
+            self.log.info("warmup_skipped", deployment=dep, ready=ready, first_set_ms=round(waited * 1e3))
         # then let the cache fill to its depth: a prefetch still running when the first
         # request arrives would compete with it for the CPU (first request 3-4x a warm one).
         # Bounded by twice the first set's wait + 1 s: a byte cap may stop the cache short.
         first = time.monotonic() - t0
-        settled = ready and self.cache.wait_ready(keys, timeout=max(0.0, min(bound - first, 2 * first + 1.0)),
-                                                  depth=None)
+        settled = ready and self.cache.wait_ready(keys, timeout=max(0.0, min(max(bound, 2 * waited + 1.0) - first,
+                                                                             2 * first + 1.0)), depth=None)
         # and until the dealer's pools of this deployment are full: its deep fill beside the
         # first request took 10-100 ms of CPU in the gaps between that request's rounds
         # (first request 1.3-2.4x a warm one in the runs before this wait)
@@ -298,6 +314,22 @@ class PartyServer:
         self.log.info("prewarm", deployment=lm.record.deployment_id, batches=",".join(str(k[1]) for k in keys),
                       ready=ready, settled=settled, dealer_pools_full=pools_full,
                       wait_ms=round((time.monotonic() - t0) * 1e3))
+
+    def _warm_up_agreed(self, dep: str, *, run: bool, timeout: float) -> bool:
+        """Party 0's decision on the deploy's warm-up, sent to every peer (its own ``run``);
+        a peer that hears nothing within ``timeout`` skips it."""
+        sid = f"warmup/{dep}"
+        try:
+            if self.party_id == BINDER:
+                for p in range(1, self.n):
+                    self.transport.send(sid, _WARMUP_STEP, p, b"1" if run else b"0", timeout=self.settings.rpc_timeout_s)
+                return run
+            return self.transport.recv(sid, _WARMUP_STEP, BINDER, timeout=timeout) == b"1"
+        except SecureInferError as exc:
+            self.log.warning("warmup_not_agreed", deployment=dep, error=str(exc))
+            return False
+        finally:
+            self.transport.close_session(sid)
 
     def _warm_up(self, lm: LoadedModel, keys: list[tuple[str, int, str]], *, deadline: float) -> None:
         """Run each pre-warmed kind once on an all-zero input, every party at once (they all
@@ -331,6 +363,15 @@ class PartyServer:
             finally:
                 self.transport.close_session(sid)
             self.log.info("warmup", deployment=dep, batch=batch, ms=round((time.perf_counter() - t0) * 1e3, 2))
+
+    def _dealer_pending(self, deployment_id: str) -> int:
+        """The dealer's ``deployment_pending`` for the deployment (0 if it cannot say)."""
+        try:
+            req = dealer_pb2.StatsRequest(deployment_id=deployment_id)
+            return int(self.dealer.Stats(req, timeout=min(self.settings.rpc_timeout_s, 5.0)).counters.get(
+                "deployment_pending", 0))
+        except grpc.RpcError:
+            return 0
 
     def _await_dealer_pools(self, deployment_id: str, *, timeout: float) -> bool:
         """Poll the dealer (``Stats`` with ``deployment_id``, every 50 ms) until it reports
