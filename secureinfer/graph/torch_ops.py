@@ -247,10 +247,25 @@ class AtenOps:
                                                                         origin=origin)
         else:
             raise ImportProblem(f"aten.{base} on values the importer could not map")
+        if y is None and isinstance(p, str) and c is not None:  # position embeddings, attention masks
+            y = self._add_tensor(p, coef * c.double().numpy(), name=name, origin=origin)
         if y is None:
-            raise ImportProblem("adding a constant tensor that varies along more than one axis (the IR adds "
-                               "constants per channel only)")
+            raise ImportProblem("adding a constant tensor that varies along the batch axis or does not broadcast")
         return y
+
+    def _add_tensor(self, x: str, c: np.ndarray, *, name: str, origin: str) -> str | None:
+        """``x + c`` as ``add_tensor`` when ``c`` broadcasts over ``x`` without the batch axis."""
+        shape = tuple(self.b.shapes[x])
+        if c.ndim == len(shape):
+            if c.shape[0] != 1:
+                return None
+            c = c[0]
+        try:
+            if np.broadcast_shapes(c.shape, shape[1:]) != shape[1:]:
+                return None
+        except ValueError:
+            return None
+        return self.b.emit("add_tensor", [x], name=name, params={"bias": c}, origin=origin)
 
     op_add = op_sub = op_rsub = _binary
 
@@ -303,12 +318,78 @@ class AtenOps:
 
     op_mm = op_bmm = op_matmul
 
-    def op_transpose(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
-        raise ImportProblem(f"aten.{base} of a secret tensor", "transpose")
+    def _permute(self, node: fx.Node, a: dict[str, Any], perm: list[int]) -> str:
+        x = self._x(a["self"])
+        if perm[:1] != [0]:
+            raise ImportProblem(f"a transpose/permute {perm} that moves the batch axis", "transpose")
+        return x if perm == list(range(len(perm))) else self.emit(node, a, "transpose", [x], {"perm": perm})
 
-    op_t = op_permute = op_numpy_T = op_transpose
+    def op_transpose(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        nd = len(self.b.shapes[self._x(a["self"])])
+        perm = list(range(nd))
+        i, j = int(a["dim0"]) % nd, int(a["dim1"]) % nd
+        perm[i], perm[j] = perm[j], perm[i]
+        return self._permute(node, a, perm)
+
+    def op_permute(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        nd = len(self.b.shapes[self._x(a["self"])])
+        return self._permute(node, a, [int(d) % nd for d in a["dims"]])
+
+    def op_t(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        raise ImportProblem(f"aten.{base} of a secret tensor (it swaps the batch axis)", "transpose")
+
+    op_numpy_T = op_t
+
+    def _narrow(self, node: fx.Node, a: dict[str, Any], x: str, dim: int, start: int, end: int,
+                suffix: str = "") -> str:
+        shape = self.b.shapes[x]
+        dim %= len(shape)
+        n = shape[dim]
+        start, end = max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
+        if (start, end) == (0, n):
+            return x
+        if dim == 0:
+            raise ImportProblem("slicing the batch axis", "slice")
+        return self.b.emit("slice", [x], {"axis": dim, "start": start, "end": end},
+                           name=self.base_name(node, a) + suffix, origin=self.where(node))
+
+    def op_slice(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        if int(a.get("step") or 1) != 1:
+            raise ImportProblem("slicing with a step other than 1", "slice")
+        big = 2 ** 62
+        start = 0 if a.get("start") is None else max(-big, min(big, int(a["start"])))
+        end = big if a.get("end") is None else max(-big, min(big, int(a["end"])))
+        return self._narrow(node, a, self._x(a["self"]), int(a.get("dim") or 0), start, end)
+
+    def op_narrow(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        start = int(a["start"])
+        return self._narrow(node, a, self._x(a["self"]), int(a["dim"]), start, start + int(a["length"]))
 
     def op_select(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
-        raise ImportProblem(f"aten.{base} (indexing a secret tensor)", "slice")
+        x = self._x(a["self"])
+        dim = int(a["dim"]) % len(self.b.shapes[x])
+        i = int(a["index"])
+        y = self._narrow(node, a, x, dim, i, i + 1 if i != -1 else self.b.shapes[x][dim])
+        return self.b.reshape(y, self.shape(node), name=f"{self.base_name(node, a)}.squeeze", origin=self.where(node))
 
-    op_slice = op_index = op_narrow = op_split = op_chunk = op_split_with_sizes = op_unbind = op_select
+    def op_split(self, node: fx.Node, a: dict[str, Any], base: str) -> list[str]:
+        x = self._x(a["self"])
+        dim = int(a.get("dim") or 0) % len(self.b.shapes[x])
+        n = self.b.shapes[x][dim]
+        size = a.get("split_size", a.get("split_sizes"))
+        sizes = [int(v) for v in size] if isinstance(size, (list, tuple)) else \
+            [min(int(size), n - k) for k in range(0, n, int(size))]
+        if sum(sizes) != n:
+            raise ImportProblem(f"split sizes {sizes} of an axis of {n}")
+        out, start = [], 0
+        for i, sz in enumerate(sizes):
+            out.append(self._narrow(node, a, x, dim, start, start + sz, f".{i}"))
+            start += sz
+        return out
+
+    op_split_with_sizes = op_split
+
+    def op_index(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        raise ImportProblem(f"aten.{base} (indexing a secret tensor with a tensor)", "slice")
+
+    op_chunk = op_unbind = op_index

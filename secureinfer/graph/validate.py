@@ -65,12 +65,13 @@ SUGGESTIONS: dict[str, str] = {
     "avg_pool1d": "use AvgPool2d on a (N, C, 1, L) input",
     "upsample": "upsampling is not supported: use a Linear to the upsampled size, or avoid upsampling",
     "embedding": "embed on the client and send the embeddings as the model input",
-    "transpose": "a transpose must keep the batch axis first (perm[0] = 0); the PyTorch importer does not "
-                 "map permute/transpose yet (export to ONNX, or fold the transpose into the weights)",
+    "transpose": "a transpose/permute must keep the batch axis first (perm[0] = 0); x.t() of a 2-D batch "
+                 "swaps it: use x.transpose(1, 2) on a batch-first tensor, or fold the transpose into the weights",
     "mul": "multiply a secret tensor only by constants (x * c); for gating use a Linear/Conv",
     "div": "divide only by constants (x / c)",
     "sub": "subtract a constant or use add",
-    "slice": "avoid slicing secret tensors (split into separate Linear/Conv heads instead)",
+    "slice": "slices must keep the whole batch and use step 1 (x[:, a:b], x[:, i], split); indexing with a "
+             "tensor is not supported",
     "mean": "use AdaptiveAvgPool2d((1, 1)) or x.mean((2, 3)) for global average pooling",
     "sum": "use a Linear with all-ones weights, or global average pooling",
     "exp": "use Softmax/Sigmoid (which the engine approximates) instead of raw exp",

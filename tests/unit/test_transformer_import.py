@@ -1,0 +1,41 @@
+"""Transformer models through both importers: torch.export and the ONNX export give the
+same graph semantics (within float rounding) and match torch; what cannot be mapped is
+refused with the reason."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from secureinfer.errors import UnsupportedModelError
+from secureinfer.graph.onnx_import import from_onnx
+from secureinfer.graph.passes import evaluate
+from secureinfer.graph.torch_import import from_torch
+from secureinfer.zoo_transformers import TinyBert, TinyGpt, to_onnx
+
+
+@pytest.mark.parametrize("cls", [TinyBert, TinyGpt])
+def test_torch_and_onnx_imports_agree(cls) -> None:
+    model = cls(layers=2, hidden=32, heads=2, seq=8, seed=1)
+    x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(0))
+    g_torch, g_onnx = from_torch(model, x[:1]), from_onnx(to_onnx(model, x[:2]))
+    xs = x.double().numpy()
+    with torch.no_grad():
+        ref = model(x).double().numpy()
+    assert np.abs(evaluate(g_torch, xs) - ref).max() < 1e-5
+    assert np.abs(evaluate(g_torch, xs) - evaluate(g_onnx, xs)).max() < 1e-9
+    assert {"transpose", "slice", "add_tensor", "matmul"} <= {n.op for n in g_torch.nodes}
+
+
+class _BatchMover(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(1, 0, 2).reshape(x.shape[0], -1) + x[0:1].reshape(1, -1)
+
+
+def test_permutes_and_slices_of_the_batch_axis_are_refused() -> None:
+    with pytest.raises(UnsupportedModelError) as err:
+        from_torch(_BatchMover(), torch.randn(2, 3, 4))
+    text = "\n".join(err.value.problems)
+    assert "moves the batch axis" in text
