@@ -234,6 +234,51 @@ def fold_affine(graph: Graph) -> Graph:
         nodes, outputs = _rewire(nodes, outputs, aff.name, prod.name)
 
 
+def fold_affine_into_linear(graph: Graph) -> Graph:
+    """Fold a ``channel_affine`` over the last axis into the ``linear`` that is its only
+    consumer: ``linear(x * w + d) = x (W diag(w))^T + (W d + b)`` (a standardizing Scaler
+    in front of a classifier, say). Saves the affine's fixed-weight product and its
+    truncation (one round). Only for near-unit scales (every |w| in [2^-6, 2^6], e.g.
+    LayerNorm gains, standardization of unit-range features): folding a tiny scale into
+    the weights leaves them with few significant bits at ``f`` fractional bits (measured:
+    a breast-cancer Scaler, scales ~2e-3 on raw features up to ~4000, raised the
+    logistic-regression probability error from 7.8e-4 to 1.4e-3)."""
+    if not graph.params:
+        return graph
+    shapes = infer_shapes(graph)
+    params = dict(graph.params)
+    nodes = list(graph.nodes)
+    outputs = list(graph.outputs)
+    while True:
+        g = Graph(inputs=graph.inputs, nodes=nodes, outputs=outputs)
+        cons, users = _consumers(g), _param_users(g)
+        for aff in nodes:
+            if aff.op != "channel_affine" or aff.name in outputs or len(cons[aff.name]) != 1:
+                continue
+            lin = cons[aff.name][0]
+            ndim = len(shapes[aff.name])
+            scale = np.abs(np.asarray(params[aff.attrs["weight"]], dtype=np.float64))
+            near_unit = bool(np.all((scale >= 2.0 ** -6) & (scale <= 2.0 ** 6)))
+            if lin.op == "linear" and near_unit and aff.attrs.get("axis", 1) % ndim == ndim - 1:
+                break
+        else:
+            return _copy(graph, nodes, outputs, params)
+        w = np.asarray(params[aff.attrs["weight"]], dtype=np.float64).reshape(-1)
+        d = params[aff.attrs["bias"]].reshape(-1) if aff.attrs.get("bias") else np.zeros_like(w)
+        lw = np.asarray(params[lin.attrs["weight"]], dtype=np.float64)  # (out, in)
+        lb = params[lin.attrs["bias"]].reshape(-1) if lin.attrs.get("bias") else np.zeros(lw.shape[0])
+        attrs = dict(lin.attrs)
+        for attr, val in (("weight", lw * w[None, :]), ("bias", lb + lw @ d)):
+            old = lin.attrs.get(attr)
+            pname = old if old and users.get(old, 0) == 1 else f"{lin.name}.{attr}"
+            while pname != old and pname in params:  # a shared parameter keeps its old value
+                pname += "_"
+            params[pname] = val
+            attrs[attr] = pname
+        folded = replace(lin, inputs=(aff.inputs[0],), attrs=attrs)
+        nodes = [folded if n.name == lin.name else n for n in nodes if n.name != aff.name]
+
+
 def fold_shapes(graph: Graph) -> Graph:
     """Remove shape-preserving flatten/reshape; collapse flatten/reshape chains."""
     shapes = infer_shapes(graph)
@@ -331,6 +376,6 @@ def optimize(graph: Graph) -> Graph:
     """All passes until a fixpoint (each pass only shrinks the graph)."""
     while True:
         before = len(graph.nodes)
-        graph = eliminate_dead(fold_shapes(fold_affine(graph)))
+        graph = eliminate_dead(fold_shapes(fold_affine_into_linear(fold_affine(graph))))
         if len(graph.nodes) == before:
             return graph

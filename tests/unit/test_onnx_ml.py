@@ -113,3 +113,18 @@ def test_unsupported_pipeline_parts_are_all_named_in_one_error() -> None:
         from_onnx(model)
     text = str(err.value) + " ".join(getattr(err.value, "problems", []) or [])
     assert "Normalizer(norm=L2)" in text and "TreeEnsembleClassifier" in text
+
+
+def test_a_near_unit_scaler_folds_into_the_classifier_and_a_tiny_one_does_not() -> None:
+    digits, _ = _convert([StandardScaler(), LogisticRegression(max_iter=1000)])
+    cancer, _ = _convert([StandardScaler(), LogisticRegression(max_iter=1000)], binary=True)
+    # digits pixels have std ~1-6: the Scaler folds into the linear (one round less)
+    assert [n.op for n in from_onnx(digits).nodes] == ["linear", "softmax"]
+    # breast-cancer features have std up to ~500: folding 2e-3 scales would lose weight bits
+    assert [n.op for n in from_onnx(cancer).nodes] == ["channel_affine", "linear", "sigmoid"]
+    x, _ = _data()
+    label, probs = _ort(digits, x[:100])
+    g = from_onnx(digits)
+    values = evaluate(g, x[:100].astype(np.float64), all_values=True)
+    probs = np.array([[row[k] for k in sorted(row)] for row in probs])
+    assert np.abs(values[g.outputs[0]] - probs).max() < 1e-5
