@@ -31,7 +31,8 @@ Flatten, Reshape, Squeeze, Unsqueeze       flatten / reshape (batch axis kept)
 Add / Sub of two activations               add
 Concat                                     concat
 Softmax; Sigmoid; Tanh                     softmax; sigmoid; tanh
-Gelu; x*0.5*(1+Erf(x/sqrt 2)) pattern      gelu
+Gelu; x*0.5*(1+Erf(x/sqrt 2)) pattern;     gelu
+  the tanh-form pattern (gelu_new)
 LayerNormalization (last axis); the        layernorm + channel_affine (scale, bias)
   ReduceMean/Sub/Pow/Sqrt/Div pattern
 Identity, Dropout, Cast                    (dropped)

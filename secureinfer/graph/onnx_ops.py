@@ -443,6 +443,8 @@ class Patterns:
         for n in self.graph.node:
             if n.op_type == "Erf":
                 self._gelu(n)
+            elif n.op_type == "Tanh":
+                self._gelu_tanh(n)
             elif n.op_type == "ReduceMean":
                 self._layernorm(n)
         return self
@@ -487,6 +489,57 @@ class Patterns:
             return
         self.skip.update(id(n) for n in chain[:-1])
         self.final[id(chain[-1])] = ("gelu", x, {})
+
+    def _cube_of(self, name: str) -> tuple[str, list[Any]] | None:
+        """``(x, nodes)`` if ``name`` is x^3: ``Pow(x, 3)`` or ``x * (x * x)`` in either order."""
+        n = self.prod.get(name)
+        if n is not None and n.op_type == "Pow" and _near(self.c(n.input[1]), 3.0):
+            return n.input[0], [n]
+        if n is None or n.op_type != "Mul":
+            return None
+        for x, sq in ((n.input[0], n.input[1]), (n.input[1], n.input[0])):
+            q = self.prod.get(sq)
+            if q is not None and q.op_type == "Mul" and list(q.input) == [x, x]:
+                return x, [q, n]
+        return None
+
+    def _gelu_tanh(self, tanh: Any) -> None:
+        """``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GELU's tanh form, as
+        ``torch.onnx`` writes ``nn.GELU(approximate="tanh")`` below opset 20) -> one gelu
+        (the exact GELU: they differ by < 5e-4, see ``engine.ops_nonlinear.Gelu``)."""
+        m3 = self.prod.get(tanh.input[0])
+        if m3 is None or m3.op_type != "Mul":
+            return
+        inner = next((i for i in m3.input if self.c(i) is None), None)
+        if inner is None or not _near(self.c(self.other(m3, inner)), (2 / 3.141592653589793) ** 0.5):
+            return
+        add = self.prod.get(inner)
+        if add is None or add.op_type != "Add":
+            return
+        x, m2, cube_nodes = None, None, []
+        for cand in add.input:  # Add(x, 0.044715 * x^3), either order
+            m = self.prod.get(self.other(add, cand))
+            cube = next((i for i in m.input if self.c(i) is None), None) if m is not None and m.op_type == "Mul" else None
+            found = self._cube_of(cube) if cube is not None and _near(self.c(self.other(m, cube)), 0.044715) else None
+            if found is not None and found[0] == cand:
+                x, m2, cube_nodes = cand, m, found[1]
+                break
+        if x is None or m2 is None:
+            return
+        one = self.only(tanh.output[0], "Add")
+        if one is None or not _near(self.c(self.other(one, tanh.output[0])), 1.0):
+            return
+        m4 = self.only(one.output[0], "Mul")
+        if m4 is None or self.other(m4, one.output[0]) != x:
+            return
+        m5 = self.only(m4.output[0], "Mul")
+        if m5 is None or not _near(self.c(self.other(m5, m4.output[0])), 0.5):
+            return
+        chain = [*cube_nodes, m2, add, m3, tanh, one, m4]
+        if any(len(self.cons.get(n.output[0], [])) != 1 for n in chain):
+            return
+        self.skip.update(id(n) for n in chain)
+        self.final[id(m5)] = ("gelu", x, {})
 
     def _layernorm(self, rm1: Any) -> None:
         x = rm1.input[0]

@@ -65,3 +65,38 @@ def test_graph_validation_checks_transpose_perms() -> None:
     assert any("perm" in p for p in bad.problems())
     ok = Graph(inputs=[spec], nodes=[Node("t", "transpose", ("x",), {"perm": [0, 2, 1]})], outputs=["t"])
     assert ok.problems() == []
+
+
+def test_tanh_gelu_pattern_becomes_one_gelu() -> None:
+    """GELU's tanh form (GPT-2's gelu_new), as torch.onnx writes it below opset 20 and
+    with Pow(x, 3): one gelu node, within the documented 5e-4 of the tanh formula."""
+    import io
+    import warnings
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU(approximate="tanh"), nn.Linear(8, 3)).eval()
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(2, 8),), f, opset_version=17, dynamo=False)
+    g = from_onnx(f.getvalue())
+    assert [n.op for n in g.nodes] == ["linear", "gelu", "linear"]
+    x = torch.randn(64, 8) * 3
+    with torch.no_grad():
+        ref = model(x).double().numpy()
+    assert np.abs(evaluate(g, x.double().numpy()) - ref).max() < 5e-4 * 8
+    c = {"three": np.array(3.0), "k": np.array(0.044715), "s": np.array((2 / np.pi) ** 0.5), "one": np.array(1.0),
+         "half": np.array(0.5)}
+    nodes = [helper.make_node("Pow", ["x", "three"], ["cube"]), helper.make_node("Mul", ["k", "cube"], ["kc"]),
+             helper.make_node("Add", ["x", "kc"], ["inner"]), helper.make_node("Mul", ["s", "inner"], ["arg"]),
+             helper.make_node("Tanh", ["arg"], ["t"]), helper.make_node("Add", ["one", "t"], ["p"]),
+             helper.make_node("Mul", ["x", "p"], ["xp"]), helper.make_node("Mul", ["xp", "half"], ["out"])]
+    model2 = _model(nodes, c, [1, 6], "out")
+    g2 = from_onnx(model2.SerializeToString())
+    assert [n.op for n in g2.nodes] == ["gelu"]
+    xs = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32) * 3
+    np.testing.assert_allclose(evaluate(g2, xs.astype(np.float64)), ReferenceEvaluator(model2).run(None, {"x": xs})[0],
+                               atol=5e-4)
