@@ -62,7 +62,7 @@ class TinyBert(nn.Module):
                  seed: int = 0) -> None:
         torch.manual_seed(seed)  # reproducible initial weights of a public reference model (not secret)
         super().__init__()
-        self.pos = nn.Parameter(torch.randn(1, seq, hidden) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, seq, hidden) * 0.1)  # public reference weights (not secret)
         self.layers = nn.Sequential(*(_Layer(hidden, heads, seq, decoder=False) for _ in range(layers)))
         self.pooler, self.cls = nn.Linear(hidden, hidden), nn.Linear(hidden, classes)
         self.eval()
@@ -77,7 +77,7 @@ class TinyGpt(nn.Module):
                  seed: int = 0) -> None:
         torch.manual_seed(seed)  # reproducible initial weights of a public reference model (not secret)
         super().__init__()
-        self.pos = nn.Parameter(torch.randn(1, seq, hidden) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, seq, hidden) * 0.1)  # public reference weights (not secret)
         self.layers = nn.Sequential(*(_Layer(hidden, heads, seq, decoder=True) for _ in range(layers)))
         self.ln, self.head = nn.LayerNorm(hidden), nn.Linear(hidden, vocab)
         self.eval()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,6 +196,22 @@ def _copy(graph: Graph, nodes: list[Node], outputs: list[str], params: dict[str,
                  params=kept, param_shapes=shapes, labels=graph.labels, output_names=dict(graph.output_names))
 
 
+def _store_params(node: Node, values: dict[str, np.ndarray], params: dict[str, np.ndarray],
+                  users: dict[str, int]) -> dict[str, Any]:
+    """``node``'s attrs with its parameters replaced by ``values`` (in ``params``): a
+    parameter only ``node`` uses is overwritten, a shared one keeps its old value and
+    ``node`` gets a fresh name."""
+    attrs = dict(node.attrs)
+    for attr, val in values.items():
+        old = node.attrs.get(attr)
+        pname = old if old and users.get(old, 0) == 1 else f"{node.name}.{attr}"
+        while pname != old and pname in params:
+            pname += "_"
+        params[pname] = val
+        attrs[attr] = pname
+    return attrs
+
+
 def fold_affine(graph: Graph) -> Graph:
     """Fold each ``channel_affine`` into its producer (conv2d, linear or another affine)
     along the producer's output-channel axis, when it is the producer's only consumer."""
@@ -221,14 +238,8 @@ def fold_affine(graph: Graph) -> Graph:
         d = params[aff.attrs["bias"]].reshape(-1) if aff.attrs.get("bias") else np.zeros_like(w)
         pw = np.asarray(params[prod.attrs["weight"]], dtype=np.float64)
         pb = params[prod.attrs["bias"]].reshape(-1) if prod.attrs.get("bias") else np.zeros_like(w)
-        attrs = dict(prod.attrs)
-        for attr, val in (("weight", pw * w.reshape((-1,) + (1,) * (pw.ndim - 1))), ("bias", pb * w + d)):
-            old = prod.attrs.get(attr)
-            pname = old if old and users.get(old, 0) == 1 else f"{prod.name}.{attr}"
-            while pname != old and pname in params:  # a shared parameter keeps its old value
-                pname += "_"
-            params[pname] = val
-            attrs[attr] = pname
+        attrs = _store_params(prod, {"weight": pw * w.reshape((-1,) + (1,) * (pw.ndim - 1)), "bias": pb * w + d},
+                              params, users)
         folded = replace(prod, attrs=attrs)
         nodes = [folded if n.name == prod.name else n for n in nodes if n.name != aff.name]
         nodes, outputs = _rewire(nodes, outputs, aff.name, prod.name)
@@ -267,14 +278,7 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
         d = params[aff.attrs["bias"]].reshape(-1) if aff.attrs.get("bias") else np.zeros_like(w)
         lw = np.asarray(params[lin.attrs["weight"]], dtype=np.float64)  # (out, in)
         lb = params[lin.attrs["bias"]].reshape(-1) if lin.attrs.get("bias") else np.zeros(lw.shape[0])
-        attrs = dict(lin.attrs)
-        for attr, val in (("weight", lw * w[None, :]), ("bias", lb + lw @ d)):
-            old = lin.attrs.get(attr)
-            pname = old if old and users.get(old, 0) == 1 else f"{lin.name}.{attr}"
-            while pname != old and pname in params:  # a shared parameter keeps its old value
-                pname += "_"
-            params[pname] = val
-            attrs[attr] = pname
+        attrs = _store_params(lin, {"weight": lw * w[None, :], "bias": lb + lw @ d}, params, users)
         folded = replace(lin, inputs=(aff.inputs[0],), attrs=attrs)
         nodes = [folded if n.name == lin.name else n for n in nodes if n.name != aff.name]
 
