@@ -301,6 +301,8 @@ class Graph:
                        "label scores)")
         if self.labels is not None and not 2 <= len(self.labels) <= MAX_LABELS:
             out.append(f"{len(self.labels)} class labels (2..{MAX_LABELS})")
+        if self.labels is not None and any(not -2**31 <= c < 2**31 for c in self.labels):
+            out.append("class labels must be integers in [-2^31, 2^31)")
         if len(self.output_names) > 8:
             out.append(f"{len(self.output_names)} output names (at most 8)")
         for name, target in self.output_names.items():

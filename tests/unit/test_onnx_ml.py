@@ -103,6 +103,8 @@ def test_bad_label_declarations_are_listed() -> None:
                 output_names={"y": "label", "z": "probabilities"})
     probs = bad.problems()
     assert any("2 outputs" in p for p in probs)
+    huge = Graph(inputs=g.inputs, nodes=g.nodes, outputs=g.outputs, param_shapes=g.param_shapes, labels=(0, 2**63))
+    assert any("[-2^31, 2^31)" in p for p in huge.problems())
     assert any("'y' maps to 'label'" in p and "no labels" in p for p in probs)
     assert any("'z' maps to 'probabilities'" in p for p in probs)
 
