@@ -2,15 +2,16 @@
 
 * :class:`TinyBert` — BERT-style: learned position embeddings, post-LN encoder layers
   (multi-head self-attention, GELU feed-forward), a tanh pooler on the first token and a
-  classification head; the input is the embedded sequence (batch, seq, hidden).
+  classification head; the input is the embedded sequence (batch, seq, hidden), or
+  token ids through an ``nn.Embedding`` (``vocab``).
 * :class:`TinyGpt` — GPT-2-style: position embeddings, pre-LN decoder layers with a
   causal mask (an additive constant), final LayerNorm, next-token logits of the last
   position.
 
 Written with Linear, reshape, transpose, matmul, softmax and LayerNorm so that their ONNX
-export maps onto the IR (:func:`to_onnx`); token embedding lookups are not part of them
-(the client sends embedded tokens). Weights: torch's default initialisation under a seed
-(benchmark data, not secret).
+export maps onto the IR (:func:`to_onnx`). Token ids (``TinyBert(vocab=...)``) import
+through ``torch.export`` only: the ids are sent one-hot. Weights: torch's default
+initialisation under a seed (benchmark data, not secret).
 """
 
 from __future__ import annotations
@@ -58,16 +59,22 @@ class _Layer(nn.Module):
 
 
 class TinyBert(nn.Module):
+    """``vocab``: the model takes token ids (batch, seq) through an ``nn.Embedding`` (they
+    are sent one-hot, :func:`secureinfer.client.sdk.one_hot`); else embedded tokens."""
+
     def __init__(self, *, layers: int = 2, hidden: int = 128, heads: int = 2, seq: int = 32, classes: int = 2,
-                 seed: int = 0) -> None:
+                 vocab: int | None = None, seed: int = 0) -> None:
         torch.manual_seed(seed)  # reproducible initial weights of a public reference model (not secret)
         super().__init__()
+        self.embed = nn.Embedding(vocab, hidden) if vocab else None
         self.pos = nn.Parameter(torch.randn(1, seq, hidden) * 0.1)  # public reference weights (not secret)
         self.layers = nn.Sequential(*(_Layer(hidden, heads, seq, decoder=False) for _ in range(layers)))
         self.pooler, self.cls = nn.Linear(hidden, hidden), nn.Linear(hidden, classes)
         self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
         h = self.layers(x + self.pos)
         return self.cls(torch.tanh(self.pooler(h[:, 0])))
 

@@ -27,7 +27,7 @@ import torch
 from secureinfer import ring
 from secureinfer.config import Topology, load_topology
 from secureinfer.engine.runner import encode_params
-from secureinfer.errors import PeerUnavailableError, SecureInferError, ShapeError
+from secureinfer.errors import InvalidArgumentError, PeerUnavailableError, SecureInferError, ShapeError
 from secureinfer.graph.ir import Graph
 from secureinfer.graph.ranges import DEFAULT_MARGIN_BITS, calibrate_ranges
 from secureinfer.prg import Prg
@@ -36,7 +36,7 @@ from secureinfer.transport import tls
 from secureinfer.transport.codec import seeded_share_to_proto, share_from_proto, split_chunks, tensor_to_proto
 from secureinfer.v1 import common_pb2, party_pb2, party_pb2_grpc
 
-__all__ = ["Client", "InferenceCost", "deploy", "deploy_graph"]
+__all__ = ["Client", "InferenceCost", "deploy", "deploy_graph", "one_hot"]
 
 
 @dataclass(frozen=True)
@@ -247,6 +247,22 @@ class Client:
         )
         self._last.cost, self._last.info = cost, info
         return out[outputs[0]] if len(outputs) == 1 else out
+
+
+def one_hot(ids: np.ndarray | torch.Tensor | Sequence[Any], vocab: int) -> np.ndarray:
+    """Token ids (integers in ``[0, vocab)``, batch first) as the one-hot rows a model with a
+    token-id input takes: shape ``(*ids.shape, vocab)``, float32 0/1. The ids stay secret:
+    the rows are secret-shared like any input, and the model multiplies them by its table."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise ShapeError(f"token ids must be integers, got dtype {arr.dtype}")
+    if not isinstance(vocab, int) or vocab < 2:
+        raise InvalidArgumentError(f"vocab must be an int >= 2, got {vocab!r}")
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        raise InvalidArgumentError(f"token ids must be in [0, {vocab}), got {int(arr.min())}..{int(arr.max())}")
+    out = np.zeros((*arr.shape, vocab), dtype=np.float32)
+    np.put_along_axis(out, arr[..., None].astype(np.int64), 1.0, axis=-1)
+    return out
 
 
 def deploy_graph(

@@ -92,6 +92,8 @@ PARAM_NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.\-]{{0,{2 * MAX_NAME_
 #: names the planner, the DP release and the audit use for steps or namespaces of their own
 #: most class labels a classifier may declare (its label is a dot product with them)
 MAX_LABELS = 4096
+#: largest vocabulary of a one-hot (token id) input
+MAX_VOCAB = 1 << 17
 RESERVED_NAMES = frozenset({"argmax", "dp", "audit"})
 NAME_RULE = (f"names must be unique, match {NAME_PATTERN.pattern} (no '/') and not be one of "
              f"{sorted(RESERVED_NAMES)}")
@@ -135,9 +137,15 @@ class TensorSpec:
 
     name: str
     shape: tuple[int, ...]
+    #: the input is token ids sent one-hot: (batch, ..., one_hot) rows of 0/1 (see
+    #: ``secureinfer.client.sdk.one_hot``); None for a numeric input
+    one_hot: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape)}
+        doc: dict[str, Any] = {"name": self.name, "shape": list(self.shape)}
+        if self.one_hot is not None:  # only when set: older graphs keep their digests
+            doc["one_hot"] = int(self.one_hot)
+        return doc
 
 
 @dataclass(frozen=True)
@@ -197,7 +205,9 @@ class Graph:
             if doc.get("format") != _FORMAT:
                 raise ValueError(f"unknown graph format {doc.get('format')!r}")
             g = cls(
-                inputs=[TensorSpec(str(i["name"]), tuple(int(d) for d in i["shape"])) for i in doc["inputs"]],
+                inputs=[TensorSpec(str(i["name"]), tuple(int(d) for d in i["shape"]),
+                                   one_hot=int(i["one_hot"]) if i.get("one_hot") is not None else None)
+                        for i in doc["inputs"]],
                 nodes=[
                     Node(str(n["name"]), str(n["op"]), tuple(str(x) for x in n["inputs"]), dict(n.get("attrs", {})))
                     for n in doc["nodes"]
@@ -264,6 +274,9 @@ class Graph:
         known = {i.name for i in self.inputs}
         if len(self.inputs) != 1:
             out.append(f"exactly one model input is supported, got {len(self.inputs)}")
+        for i in self.inputs:
+            if i.one_hot is not None and (not 2 <= i.one_hot <= MAX_VOCAB or i.shape[-1:] != (i.one_hot,)):
+                out.append(f"input {i.name!r}: one_hot {i.one_hot} must be 2..{MAX_VOCAB} and its last dimension")
         for n in self.nodes:
             if n.op not in SUPPORTED_OPS:
                 out.append(f"node {n.name!r}: unsupported op {n.op!r}")

@@ -48,6 +48,7 @@ nn.Dropout, nn.Identity, clone, casts       (dropped)
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -57,7 +58,7 @@ from torch import fx, nn
 
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 from secureinfer.graph.builder import Builder, ImportProblem
-from secureinfer.graph.ir import Graph
+from secureinfer.graph.ir import Graph, TensorSpec
 from secureinfer.graph.torch_ops import AtenOps
 from secureinfer.graph.validate import suggestion
 
@@ -92,6 +93,7 @@ class _Importer(AtenOps):
         self.vals: dict[str, Any] = {}
         self.b: Builder | None = None
         self.module_problems: dict[str, list[tuple[str, str | None]]] = {}
+        self.one_hot: int | None = None  # vocabulary of a token-id input (sent one-hot)
 
     # ------------------------------------------------------------------ helpers
     def act(self, arg: Any) -> str | None:
@@ -162,7 +164,11 @@ class _Importer(AtenOps):
         nodes = {n.name: n for n in self.ep.graph.nodes}
         if not user_inputs:
             raise UnsupportedModelError("the model takes no tensor input")
-        self.b = Builder(input_name="input", input_shape=self.shape(nodes[user_inputs[0]]), frac_bits=self.frac_bits)
+        in_shape = self.shape(nodes[user_inputs[0]])
+        self.one_hot = self._token_vocab(nodes[user_inputs[0]])
+        if self.one_hot is not None:  # token ids: the client sends them one-hot (batch, ..., vocab)
+            in_shape = (*in_shape, self.one_hot)
+        self.b = Builder(input_name="input", input_shape=in_shape, frac_bits=self.frac_bits)
         self.vals[user_inputs[0]] = "input"
         for extra in user_inputs[1:]:
             self.b.problem(f"input {extra!r}: only models with one tensor input are supported")
@@ -193,6 +199,27 @@ class _Importer(AtenOps):
         if strict:
             self.b.check_engine_ops()
         return self.b, values[:1], dict(self.b.origin)
+
+    def _token_vocab(self, inp: fx.Node) -> int | None:
+        """The vocabulary of an integer input that only ``nn.Embedding`` lookups read (token
+        ids: they become a one-hot input times the table, a Linear); None for a float input.
+        UnsupportedModelError for an integer input used otherwise (a secret index cannot
+        address memory)."""
+        val = inp.meta.get("val")
+        if not isinstance(val, torch.Tensor) or val.is_floating_point():
+            return None
+        sizes = set()
+        for user in inp.users:
+            name = getattr(user.target, "_schema", None)
+            weight = user.args[0] if user.args else None
+            if name is None or name.name.split("::")[-1] != "embedding" or getattr(weight, "name", None) not in self.consts:
+                raise UnsupportedModelError(
+                    "the model's integer input is used by other ops than nn.Embedding lookups",
+                    [f"{self.where(user)}: token ids are supported as nn.Embedding inputs only (they are sent one-hot)"])
+            sizes.add(int(self.consts[weight.name].shape[0]))
+        if len(sizes) != 1:
+            raise UnsupportedModelError("the token ids index embedding tables of different sizes", [str(sorted(sizes))])
+        return sizes.pop()
 
     def call(self, node: fx.Node) -> None:
         b = self.b
@@ -320,8 +347,12 @@ def from_exported(ep: torch.export.ExportedProgram, *, frac_bits: int = 16, opti
                                         ["export with static shapes, or pass the module to from_torch"])
         return from_torch(ep.module(), (1, *examples[0].shape[1:]), frac_bits=frac_bits, optimize=optimize,
                           strict=strict)
-    builder, outputs, origin = _Importer(ep, frac_bits).run(strict=strict)
+    imp = _Importer(ep, frac_bits)
+    builder, outputs, origin = imp.run(strict=strict)
     graph = builder.finish(outputs)
+    if imp.one_hot is not None:
+        spec = graph.inputs[0]
+        graph = dataclasses.replace(graph, inputs=[TensorSpec(spec.name, spec.shape, one_hot=imp.one_hot)])
     if optimize:
         graph = run_passes(graph)
     if strict:

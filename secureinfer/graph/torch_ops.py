@@ -293,6 +293,16 @@ class AtenOps:
 
     op_mul = op_div = op_neg = _scale
 
+    def op_embedding(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
+        """A lookup of token ids, which arrive one-hot (batch, ..., vocab): one-hot times the
+        table, i.e. a Linear with the table as its (transposed) weight. The ids stay secret:
+        nothing is indexed by them."""
+        x, table = self.act(a["indices"]), self.const(a["weight"])
+        if x != "input" or table is None or table.dim() != 2:
+            raise ImportProblem("nn.Embedding other than of the model's token-id input", "embedding")
+        attrs = {"in_features": int(table.shape[0]), "out_features": int(table.shape[1])}
+        return self.emit(node, a, "linear", [x], attrs, {"weight": table.t().contiguous(), "bias": None})
+
     def op_cat(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         xs = [self.act(t) for t in a["tensors"]]
         if not all(isinstance(x, str) for x in xs):

@@ -64,7 +64,8 @@ SUGGESTIONS: dict[str, str] = {
     "max_pool1d": "use MaxPool2d on a (N, C, 1, L) input",
     "avg_pool1d": "use AvgPool2d on a (N, C, 1, L) input",
     "upsample": "upsampling is not supported: use a Linear to the upsampled size, or avoid upsampling",
-    "embedding": "embed on the client and send the embeddings as the model input",
+    "embedding": "an nn.Embedding of the model's own token-id input imports (the ids are sent one-hot, "
+                 "secureinfer.client.sdk.one_hot); embed other lookups on the client",
     "transpose": "a transpose/permute must keep the batch axis first (perm[0] = 0); x.t() of a 2-D batch "
                  "swaps it: use x.transpose(1, 2) on a batch-first tensor, or fold the transpose into the weights",
     "mul": "multiply a secret tensor only by constants (x * c); for gating use a Linear/Conv",

@@ -428,6 +428,8 @@ class PartyServer(Prewarm):
         engine_out = self._engine_outputs(lm, outputs)
         spec = lm.graph.input_spec()
         expected = "(batch, " + ", ".join(str(d) for d in spec.shape[1:]) + ")"
+        if spec.one_hot is not None:
+            expected += f" (token ids one-hot over {spec.one_hot}: secureinfer.client.sdk.one_hot(ids, {spec.one_hot}))"
         if req.input.encoding not in (common_pb2.ENCODING_ADDITIVE_SHARE, common_pb2.ENCODING_SEEDED_SHARE):
             raise ShapeError(f"input must be an additive share (INT64) of shape {expected}")
         shape = tuple(int(d) for d in req.input.shape)  # checked before a seeded share expands

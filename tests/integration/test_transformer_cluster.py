@@ -44,3 +44,20 @@ def test_transformer_through_real_parties(cluster: LocalCluster, kind: str, impo
         secure = np.concatenate([c.infer(name, x[i:i + 8].numpy()) for i in range(0, 16, 8)])
     assert np.abs(secure - ref).max() <= 1e-2
     assert (secure.argmax(1) == ref.argmax(1)).all()
+
+
+def test_token_ids_sent_one_hot_through_real_parties(cluster: LocalCluster) -> None:
+    """A BERT-style classifier over token ids (nn.Embedding): the client one-hot encodes the
+    ids and secret-shares the rows; the parties multiply them by the shared table."""
+    from secureinfer.client.sdk import one_hot
+
+    vocab = 64
+    model = TinyBert(layers=2, hidden=D, heads=2, seq=T, classes=3, vocab=vocab, seed=5)
+    ids = torch.randint(0, vocab, (16, T), generator=torch.Generator().manual_seed(4))
+    deploy_graph(from_torch(model, ids[:1]), name="bert-ids", config=cluster.config_path)
+    with torch.no_grad():
+        ref = model(ids).double().numpy()
+    with Client(cluster.config_path) as c:
+        secure = np.concatenate([c.infer("bert-ids", one_hot(ids[i:i + 8].numpy(), vocab)) for i in range(0, 16, 8)])
+    assert np.abs(secure - ref).max() <= 1e-2
+    assert (secure.argmax(1) == ref.argmax(1)).all()

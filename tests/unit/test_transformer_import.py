@@ -39,3 +39,38 @@ def test_permutes_and_slices_of_the_batch_axis_are_refused() -> None:
         from_torch(_BatchMover(), torch.randn(2, 3, 4))
     text = "\n".join(err.value.problems)
     assert "moves the batch axis" in text
+
+
+def test_token_ids_through_an_embedding_become_a_one_hot_input() -> None:
+    from secureinfer.client.sdk import one_hot
+    from secureinfer.errors import InvalidArgumentError, ShapeError
+    from secureinfer.graph.ir import Graph
+
+    model = TinyBert(layers=1, hidden=16, heads=2, seq=6, classes=3, vocab=40, seed=2)
+    ids = torch.randint(0, 40, (5, 6), generator=torch.Generator().manual_seed(1))
+    g = from_torch(model, ids[:1])
+    spec = g.input_spec()
+    assert spec.shape == (-1, 6, 40) and spec.one_hot == 40
+    assert Graph.from_public_json(g.public_json()).input_spec() == spec  # travels to the parties
+    assert g.nodes[0].op == "linear"  # one-hot rows times the table: nothing indexed by a secret
+    with torch.no_grad():
+        ref = model(ids).double().numpy()
+    assert np.abs(evaluate(g, one_hot(ids.numpy(), 40).astype(np.float64)) - ref).max() < 1e-5
+    with pytest.raises(InvalidArgumentError, match=r"\[0, 40\)"):
+        one_hot(np.array([[3, 40]]), 40)
+    with pytest.raises(ShapeError):
+        one_hot(np.array([[0.5]]), 40)
+
+
+class _IdsArithmetic(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids).flatten(1) + ids.float().sum(1, keepdim=True)
+
+
+def test_an_integer_input_used_otherwise_is_refused() -> None:
+    with pytest.raises(UnsupportedModelError, match="other ops than nn.Embedding"):
+        from_torch(_IdsArithmetic(), torch.zeros(1, 3, dtype=torch.int64))
