@@ -9,8 +9,8 @@
   position.
 
 Written with Linear, reshape, transpose, matmul, softmax and LayerNorm so that their ONNX
-export maps onto the IR (:func:`to_onnx`). Token ids (``TinyBert(vocab=...)``) import
-through ``torch.export`` only: the ids are sent one-hot. Weights: torch's default
+export maps onto the IR (:func:`to_onnx`). Token ids (``TinyBert(vocab=...)``) are sent
+one-hot by the client. Weights: torch's default
 initialisation under a seed (benchmark data, not secret).
 """
 

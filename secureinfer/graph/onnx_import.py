@@ -37,6 +37,8 @@ LayerNormalization (last axis); the        layernorm + channel_affine (scale, bi
   ReduceMean/Sub/Pow/Sqrt/Div pattern
 Identity, Dropout, Cast                    (dropped)
 ArgMax over the classes                    the ``label`` output (see onnx_ml)
+Gather(constant table, the integer input)  ``linear`` of a one-hot input (token ids
+                                           sent one-hot; ``TensorSpec.one_hot``)
 =========================================  =========================================
 
 Constant subgraphs (initializers, ``Constant``, and anything computed only from
@@ -59,7 +61,7 @@ import numpy as np
 
 from secureinfer.errors import InvalidArgumentError, UnsupportedModelError
 from secureinfer.graph.builder import Builder, ImportProblem
-from secureinfer.graph.ir import Graph
+from secureinfer.graph.ir import Graph, TensorSpec
 from secureinfer.graph.onnx_ml import ML_DOMAIN, OnnxMlOps
 from secureinfer.graph.onnx_ops import OnnxOps, Patterns, attrs_of
 from secureinfer.graph.validate import suggestion
@@ -104,6 +106,7 @@ class _Importer(OnnxOps, OnnxMlOps):
         self.vals: dict[str, str] = {}
         self.labels_of: dict[str, tuple[str, tuple[int, ...]]] = {}  # label values (onnx_ml)
         self.labels: tuple[int, ...] | None = None  # a classifier's class labels (outputs())
+        self.one_hot: int | None = None  # vocabulary of a token-id input (sent one-hot)
         self.output_names: dict[str, str] = {}
         self.opset = 0
         self.inferred: dict[str, tuple[Any, ...]] = {}
@@ -185,6 +188,9 @@ class _Importer(OnnxOps, OnnxMlOps):
         rest = list(self.input_shape) if self.input_shape is not None else dims[1:]
         if not dims or any(d is None for d in rest):
             raise InvalidArgumentError(f"input {user[0].name!r} has shape {dims}: pass input_shape (per sample)")
+        self.one_hot = self._token_vocab(graph, user[0])
+        if self.one_hot is not None:  # token ids: the client sends them one-hot (batch, ..., vocab)
+            rest = [*rest, self.one_hot]
         self.b = Builder(input_name="input", input_shape=(batch, *rest), frac_bits=self.frac_bits)
         self.vals[user[0].name] = "input"
         fused = Patterns(graph, self.consts, self.inferred).find()
@@ -238,6 +244,27 @@ class _Importer(OnnxOps, OnnxMlOps):
         if strict:
             self.b.check_engine_ops()
         return self.b, outs, dict(self.b.origin)
+
+    def _token_vocab(self, graph: Any, inp: Any) -> int | None:
+        """The vocabulary of an integer input that only ``Gather(table, ids)`` lookups of
+        constant tables read (token ids; see the PyTorch importer's twin); None for a float
+        input. UnsupportedModelError for an integer input used otherwise."""
+        elem = inp.type.tensor_type.elem_type
+        if elem in (self.onnx.TensorProto.FLOAT, self.onnx.TensorProto.DOUBLE, self.onnx.TensorProto.FLOAT16):
+            return None
+        sizes = set()
+        for n in graph.node:
+            if inp.name not in n.input:
+                continue
+            table = self.const(n.input[0]) if n.op_type == "Gather" else None
+            if table is None or list(n.input).index(inp.name) != 1 or table.ndim != 2 or attrs_of(n).get("axis", 0):
+                raise UnsupportedModelError("the model's integer input is used by other ops than embedding lookups",
+                                            [f"{self.where(n)}: token ids are supported as Gather(table, ids) "
+                                             "indices only (they are sent one-hot)"])
+            sizes.add(int(table.shape[0]))
+        if len(sizes) != 1:
+            raise UnsupportedModelError("the token ids index embedding tables of different sizes", [str(sorted(sizes))])
+        return sizes.pop()
 
     def outputs(self, graph: Any) -> list[str]:
         """The IR outputs; sets ``self.labels`` and ``self.output_names`` for a classifier.
@@ -321,6 +348,9 @@ def from_onnx(model_or_path: Any, *, frac_bits: int = 16, input_shape: Sequence[
     graph = builder.finish(outputs)
     if imp.labels is not None:
         graph = dataclasses.replace(graph, labels=imp.labels, output_names=imp.output_names)
+    if imp.one_hot is not None:
+        spec = graph.inputs[0]
+        graph = dataclasses.replace(graph, inputs=[TensorSpec(spec.name, spec.shape, one_hot=imp.one_hot)])
     if optimize:
         graph = run_passes(graph)
     if strict:

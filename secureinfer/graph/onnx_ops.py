@@ -295,6 +295,11 @@ class OnnxOps:
         return x
 
     def op_Gather(self, node: Any, a: dict[str, Any]) -> str:
+        table = self.const(node.input[0])
+        if table is not None and self.act(node.input[1]) == "input" and getattr(self, "one_hot", None):
+            # token ids, sent one-hot: one-hot rows times the table (a Linear), nothing indexed
+            attrs = {"in_features": int(table.shape[0]), "out_features": int(table.shape[1])}
+            return self.emit(node, "linear", ["input"], attrs, {"weight": table.T, "bias": None})
         x = self.act(node.input[0])
         idx = self.const(node.input[1])
         if x is None or idx is None or idx.size != 1:

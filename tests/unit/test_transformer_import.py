@@ -56,6 +56,10 @@ def test_token_ids_through_an_embedding_become_a_one_hot_input() -> None:
     with torch.no_grad():
         ref = model(ids).double().numpy()
     assert np.abs(evaluate(g, one_hot(ids.numpy(), 40).astype(np.float64)) - ref).max() < 1e-5
+    g_onnx = from_onnx(to_onnx(model, ids[:2]))  # the ONNX export's Gather(table, ids): the same
+    assert g_onnx.input_spec() == spec
+    rows = one_hot(ids.numpy(), 40).astype(np.float64)
+    assert np.abs(evaluate(g_onnx, rows) - evaluate(g, rows)).max() < 1e-9
     with pytest.raises(InvalidArgumentError, match=r"\[0, 40\)"):
         one_hot(np.array([[3, 40]]), 40)
     with pytest.raises(ShapeError):
