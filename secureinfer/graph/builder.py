@@ -158,6 +158,35 @@ class Builder:
             return self.affine(x, weight=vec, bias=None, axis=axis, name=name, origin=origin)
         return self.affine(x, weight=np.ones_like(vec), bias=vec, axis=axis, name=name, origin=origin)
 
+    def add_tensor(self, x: str, c: np.ndarray, *, name: str, origin: str) -> str | None:
+        """``x + c`` as ``add_tensor`` when the constant ``c`` broadcasts over ``x`` without
+        touching the batch axis (a leading 1 allowed); None otherwise (nothing recorded)."""
+        shape = tuple(self.shapes[x])
+        if c.ndim == len(shape):
+            if c.shape[0] != 1:
+                return None
+            c = c[0]
+        try:
+            if np.broadcast_shapes(c.shape, shape[1:]) != shape[1:]:
+                return None
+        except ValueError:
+            return None
+        return self.emit("add_tensor", [x], name=name, params={"bias": c}, origin=origin)
+
+    def narrow(self, x: str, axis: int, start: int, end: int, *, name: str, origin: str) -> str:
+        """``x[..., start:end, ...]`` along ``axis`` (Python slice semantics: negative and
+        out-of-range bounds clamp) as ``slice``, or ``x`` itself for the whole axis;
+        ImportProblem for a part of the batch axis."""
+        shape = self.shapes[x]
+        axis %= len(shape)
+        n = shape[axis]
+        start, end = max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
+        if (start, end) == (0, n):
+            return x
+        if axis == 0:
+            raise ImportProblem("slicing the batch axis", "slice")
+        return self.emit("slice", [x], {"axis": axis, "start": start, "end": end}, name=name, origin=origin)
+
     def reshape(self, x: str, out_shape: Sequence[int], *, name: str, origin: str) -> str:
         """A batch-preserving reshape of ``x`` to ``out_shape`` as ``flatten``/``reshape`` (or nothing);
         ImportProblem if it would move data across the batch axis."""

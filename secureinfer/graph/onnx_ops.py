@@ -212,26 +212,11 @@ class OnnxOps:
             y = self.b.const_affine(x, -c if op == "Sub" else c, mul=False, name=name, origin=origin)
         if y is None and (op == "Add" or (op == "Sub" and p is not None)):
             # a full constant tensor: position embeddings, additive attention masks
-            y = self._add_tensor(x, c if op == "Add" else -c, name=name, origin=origin)
+            y = self.b.add_tensor(x, c if op == "Add" else -c, name=name, origin=origin)
         if y is None:
             raise ImportProblem(f"{op} with a constant that varies along more than one axis (the IR multiplies "
                                "by constants per channel only)")
         return y
-
-    def _add_tensor(self, x: str, c: np.ndarray, *, name: str, origin: str) -> str | None:
-        """``x + c`` as ``add_tensor`` when ``c`` broadcasts over ``x`` without the batch axis."""
-        shape = self.b.shapes[x]
-        if c.ndim == len(shape):
-            if c.shape[0] != 1:
-                return None
-            c = c[0]
-        try:
-            np.broadcast_shapes(c.shape, tuple(shape[1:]))
-        except ValueError:
-            return None
-        if np.broadcast_shapes(c.shape, tuple(shape[1:])) != tuple(shape[1:]):
-            return None
-        return self.b.emit("add_tensor", [x], name=name, params={"bias": c}, origin=origin)
 
     op_Add = op_Sub = op_Mul = op_Div = _binary
 
@@ -249,14 +234,7 @@ class OnnxOps:
         return xs[0] if len(xs) == 1 else self.emit(node, "concat", xs, {"axis": axis})
 
     def _slice(self, node: Any, x: str, axis: int, start: int, end: int, suffix: str = "") -> str:
-        n = self.b.shapes[x][axis]
-        start, end = max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
-        if axis == 0:
-            raise ImportProblem("slicing the batch axis")
-        if (start, end) == (0, n):
-            return x
-        return self.b.emit("slice", [x], {"axis": axis, "start": start, "end": end},
-                           name=self.base_name(node) + suffix, origin=self.where(node))
+        return self.b.narrow(x, axis, start, end, name=self.base_name(node) + suffix, origin=self.where(node))
 
     def op_Split(self, node: Any, a: dict[str, Any]) -> dict[str, str]:
         x = self.x(node)

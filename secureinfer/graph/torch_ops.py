@@ -248,24 +248,10 @@ class AtenOps:
         else:
             raise ImportProblem(f"aten.{base} on values the importer could not map")
         if y is None and isinstance(p, str) and c is not None:  # position embeddings, attention masks
-            y = self._add_tensor(p, coef * c.double().numpy(), name=name, origin=origin)
+            y = self.b.add_tensor(p, coef * c.double().numpy(), name=name, origin=origin)
         if y is None:
             raise ImportProblem("adding a constant tensor that varies along the batch axis or does not broadcast")
         return y
-
-    def _add_tensor(self, x: str, c: np.ndarray, *, name: str, origin: str) -> str | None:
-        """``x + c`` as ``add_tensor`` when ``c`` broadcasts over ``x`` without the batch axis."""
-        shape = tuple(self.b.shapes[x])
-        if c.ndim == len(shape):
-            if c.shape[0] != 1:
-                return None
-            c = c[0]
-        try:
-            if np.broadcast_shapes(c.shape, shape[1:]) != shape[1:]:
-                return None
-        except ValueError:
-            return None
-        return self.b.emit("add_tensor", [x], name=name, params={"bias": c}, origin=origin)
 
     op_add = op_sub = op_rsub = _binary
 
@@ -352,16 +338,7 @@ class AtenOps:
 
     def _narrow(self, node: fx.Node, a: dict[str, Any], x: str, dim: int, start: int, end: int,
                 suffix: str = "") -> str:
-        shape = self.b.shapes[x]
-        dim %= len(shape)
-        n = shape[dim]
-        start, end = max(0, min(n, start + n if start < 0 else start)), max(0, min(n, end + n if end < 0 else end))
-        if (start, end) == (0, n):
-            return x
-        if dim == 0:
-            raise ImportProblem("slicing the batch axis", "slice")
-        return self.b.emit("slice", [x], {"axis": dim, "start": start, "end": end},
-                           name=self.base_name(node, a) + suffix, origin=self.where(node))
+        return self.b.narrow(x, dim, start, end, name=self.base_name(node, a) + suffix, origin=self.where(node))
 
     def op_slice(self, node: fx.Node, a: dict[str, Any], base: str) -> str:
         if int(a.get("step") or 1) != 1:
